@@ -1,0 +1,639 @@
+"""The on-disk memory bank: documents, their pooled content K/V (cold tier) and routing keys (hot tier).
+
+Layout, atomicity and the manifest are described in docs/bank-format.md. In short: `manifest.json` is
+the single commit point; every append writes one new immutable segment directory and then replaces
+the manifest atomically, so a crash leaves the last committed bank intact. Readers take no lock: they
+read one manifest and then only immutable files. Writers hold an exclusive flock on `<bank>/.lock`.
+No pickle anywhere: metadata is JSON, tensors are safetensors, mapped read-only with numpy.memmap.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..errors import BankLocked, BankMismatch, BankNotFound, MsaError
+
+FORMAT_VERSION = 1
+
+MANIFEST = "manifest.json"
+TEMPLATE = "template.safetensors"
+SEGMENTS = "segments"
+LOCK = ".lock"
+DOCUMENTS = "documents.jsonl"
+CONTENT = "content.safetensors"
+
+# Float dtypes a bank may store, by the name settings["dtype"] uses.
+FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# safetensors dtype name -> (numpy dtype to map the bytes as, torch dtype to view them as).
+# numpy has no bfloat16, so bf16 is mapped as uint16 and reinterpreted by torch.
+_MAPPED_DTYPES = {
+    "BF16": (np.uint16, torch.bfloat16),
+    "F16": (np.float16, torch.float16),
+    "F32": (np.float32, torch.float32),
+    "I32": (np.int32, torch.int32),
+    "I64": (np.int64, torch.int64),
+}
+
+# Router ids become file names (route.<id>.safetensors).
+_ROUTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+# What a directory may hold when create() finds no manifest there: leftovers of a create that crashed.
+_CREATE_LEFTOVERS = {LOCK, TEMPLATE, MANIFEST + ".tmp", SEGMENTS}
+
+
+@dataclass
+class Document:
+    """A live document as the bank returns it."""
+
+    doc_id: int
+    source: str
+    span: dict                 # {"page", "line_start", "line_end"}, each int or None
+    content_hash: str          # hash of the source file
+    n_tokens: int
+    text: str
+    segment: str               # where it lives: segment name and row in that segment
+    row: int
+    chunk_start: int           # rows of the segment's content tensors
+    chunk_count: int
+    key_start: int             # rows of the segment's routing keys (current router)
+    key_count: int
+
+
+@dataclass
+class NewDocument:
+    """What a writer hands in."""
+
+    source: str
+    span: dict
+    content_hash: str
+    n_tokens: int
+    text: str
+
+
+@dataclass
+class RoutingSegment:
+    """One segment's hot tier, as the router scans it."""
+
+    name: str
+    keys: Tensor       # [N_keys, Hr, dr], memory-mapped, read-only
+    key_doc: Tensor    # [N_keys] int32, memory-mapped: segment-local row of each key
+    doc_ids: Tensor    # [n_docs] int64: global doc id of each row
+    live: Tensor       # [n_docs] bool: False for tombstoned rows
+
+
+class _Segment:
+    """One committed segment of a snapshot: its rows (from documents.jsonl) and its mapped route file.
+    Segments are immutable, so a _Segment is reused across manifest reloads while its route file is."""
+
+    def __init__(self, directory: Path, first_doc_id: int, n_docs: int, route_file: str):
+        self.name = directory.name
+        self.directory = directory
+        self.route_file = route_file
+        self.rows = _read_jsonl(directory / DOCUMENTS)
+        if len(self.rows) != n_docs or any(r["doc_id"] != first_doc_id + i for i, r in enumerate(self.rows)):
+            raise BankMismatch(f"bank {directory.parent.parent} is unreadable: {self.name}/{DOCUMENTS} "
+                               f"does not match the manifest")
+        route = _map_safetensors(directory / route_file)
+        self.keys, self.key_doc = route["keys"], route["key_doc"]
+        # Keys are stored grouped by row in row order, so each row's keys are one range of key_doc;
+        # deriving the ranges here lets reindex replace keys without rewriting documents.jsonl.
+        key_doc = self.key_doc.numpy()
+        if np.any(key_doc[1:] < key_doc[:-1]) or np.any(key_doc < 0) or np.any(key_doc >= n_docs):
+            raise BankMismatch(f"bank {directory.parent.parent} is unreadable: {self.name}/{route_file} "
+                               f"has keys out of row order")
+        counts = np.bincount(key_doc, minlength=n_docs)
+        self.key_count = counts.tolist()
+        self.key_start = (np.cumsum(counts) - counts).tolist()
+        self.doc_ids = torch.arange(first_doc_id, first_doc_id + n_docs, dtype=torch.int64)
+        self._content: dict[str, Tensor] | None = None
+
+    def content(self) -> dict[str, Tensor]:
+        # Cold tier: mapped on first use only, since most questions touch few segments.
+        if self._content is None:
+            try:
+                self._content = _map_safetensors(self.directory / CONTENT)
+            except FileNotFoundError:
+                raise MsaError(f"bank {self.directory.parent.parent} changed under this reader "
+                               f"(segment {self.name} was removed); open it again") from None
+        return self._content
+
+
+class Bank:
+    """A memory bank directory. Open one with Bank.open / Bank.create / Bank.open_or_create."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock_fd: int | None = None
+        self._segments: dict[str, _Segment] = {}
+        self._load()
+
+    # ----- opening -----
+
+    @classmethod
+    def create(cls, path, settings: dict, template_kv: dict[int, tuple[Tensor, Tensor]]) -> "Bank":
+        path = Path(path)
+        settings = _json_normalised(settings)
+        _check_settings(settings)
+        template = _template_tensors(settings, template_kv)
+        path.mkdir(parents=True, exist_ok=True)
+        with _flock(path, 0):
+            if (path / MANIFEST).exists():
+                raise MsaError(f"a bank already exists at {path}")
+            strangers = sorted(set(os.listdir(path)) - _CREATE_LEFTOVERS)
+            if strangers:
+                raise MsaError(f"{path} is not empty ({strangers[0]}, ...) and holds no bank; "
+                               f"choose another bank directory")
+            _save_safetensors(template, path / TEMPLATE)
+            now = _now()
+            manifest = {"format_version": FORMAT_VERSION, "settings": settings, "segments": [],
+                        "tombstones": [], "next_doc_id": 0, "created": now, "updated": now}
+            _write_manifest(path, manifest)
+            _fsync_dir(path.parent)  # the bank directory itself may be new
+            _remove_orphans(path, manifest)  # segments a crashed earlier create may have left
+        return cls(path)
+
+    @classmethod
+    def open(cls, path, expect: dict | None = None) -> "Bank":
+        bank = cls(Path(path))
+        if expect is not None:
+            _check_same_settings(bank.path, bank.settings, _json_normalised(expect))
+        return bank
+
+    @classmethod
+    def open_or_create(cls, path, settings: dict, make_template_kv: Callable[[], dict]) -> "Bank":
+        if (Path(path) / MANIFEST).exists():
+            return cls.open(path, expect=settings)
+        return cls.create(path, settings, make_template_kv())
+
+    def _load(self) -> None:
+        """Read the manifest and the segments it lists: this Bank's snapshot."""
+        for _ in range(3):
+            manifest = _read_manifest(self.path)
+            try:
+                return self._load_snapshot(manifest)
+            except FileNotFoundError as e:
+                # A writer committed and deleted files that the manifest just read listed: read the new one.
+                missing = e.filename
+            except (ValueError, KeyError, TypeError) as e:
+                raise BankMismatch(f"bank {self.path} is unreadable: {type(e).__name__}: {e}") from None
+        raise BankMismatch(f"bank {self.path} is unreadable: {missing} is missing")
+
+    def _load_snapshot(self, manifest: dict) -> None:
+        settings = manifest["settings"]
+        route_file = _route_file(settings["router"]["id"])
+        segments = {}
+        for entry in manifest["segments"]:
+            seg = self._segments.get(entry["name"])
+            if seg is None or seg.route_file != route_file:
+                seg = _Segment(self.path / SEGMENTS / entry["name"], entry["first_doc_id"], entry["n_docs"],
+                               route_file)
+            segments[entry["name"]] = seg
+        tombstones = set(manifest["tombstones"])
+        docs = {}
+        for seg in segments.values():
+            for row, r in enumerate(seg.rows):
+                if r["doc_id"] not in tombstones:
+                    docs[r["doc_id"]] = Document(
+                        doc_id=r["doc_id"], source=r["source"], span=r["span"], content_hash=r["content_hash"],
+                        n_tokens=r["n_tokens"], text=r["text"], segment=seg.name, row=row,
+                        chunk_start=r["chunk_start"], chunk_count=r["chunk_count"],
+                        key_start=seg.key_start[row], key_count=seg.key_count[row])
+        self._manifest = manifest
+        self._segments = segments
+        self._docs = docs
+
+    # ----- reading -----
+
+    @property
+    def settings(self) -> dict:
+        return self._manifest["settings"]
+
+    def documents(self) -> list[Document]:
+        """Live documents in doc_id order."""
+        return list(self._docs.values())
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._docs)
+
+    def stats(self) -> dict:
+        docs = self._docs.values()
+        sizes = {"hot": 0, "cold": 0, "text": 0, "other": 0}
+        for seg in self._segments.values():
+            sizes["hot"] += (seg.directory / seg.route_file).stat().st_size
+            sizes["cold"] += (seg.directory / CONTENT).stat().st_size
+            sizes["text"] += (seg.directory / DOCUMENTS).stat().st_size
+        sizes["other"] = (self.path / MANIFEST).stat().st_size + (self.path / TEMPLATE).stat().st_size
+        return {"documents": len(docs), "segments": len(self._segments),
+                "tokens": sum(d.n_tokens for d in docs), "chunks": sum(d.chunk_count for d in docs),
+                "keys": sum(d.key_count for d in docs), "bytes_on_disk": sizes}
+
+    def routing_segments(self) -> list[RoutingSegment]:
+        tombstones = torch.tensor(self._manifest["tombstones"], dtype=torch.int64)
+        return [RoutingSegment(name=seg.name, keys=seg.keys, key_doc=seg.key_doc, doc_ids=seg.doc_ids,
+                               live=~torch.isin(seg.doc_ids, tombstones))
+                for seg in self._segments.values()]
+
+    def load_content(self, doc_ids: list[int], layer: int) -> tuple[Tensor, Tensor, list[int]]:
+        """Pooled K/V of one content layer for the given documents, concatenated in the given order:
+        (k [S, Hk, d], v [S, Hk, d], chunk count per document). Reads only those documents' rows."""
+        if layer not in self.settings["content_layers"]:
+            raise ValueError(f"layer {layer} is not a content layer of this bank")
+        ks, vs, counts = [], [], []
+        for doc_id in doc_ids:
+            doc = self._docs.get(doc_id)
+            if doc is None:
+                raise MsaError(f"bank {self.path} has no live document {doc_id}")
+            content = self._segments[doc.segment].content()
+            rows = slice(doc.chunk_start, doc.chunk_start + doc.chunk_count)
+            ks.append(content[f"k.{layer}"][rows])
+            vs.append(content[f"v.{layer}"][rows])
+            counts.append(doc.chunk_count)
+        if not doc_ids:
+            empty = torch.empty(0, self.settings["kv_heads"], self.settings["head_dim"],
+                                dtype=FLOAT_DTYPES[self.settings["dtype"]])
+            return empty, empty.clone(), []
+        return torch.cat(ks), torch.cat(vs), counts  # cat copies: callers get ordinary writable tensors
+
+    def template_kv(self) -> dict[int, tuple[Tensor, Tensor]]:
+        tensors = load_file(self.path / TEMPLATE)
+        layers = sorted(int(name.split(".")[1]) for name in tensors if name.startswith("k."))
+        return {layer: (tensors[f"k.{layer}"], tensors[f"v.{layer}"]) for layer in layers}
+
+    # ----- writing -----
+
+    @contextmanager
+    def lock(self, timeout: float = 0) -> Iterator["Bank"]:
+        """Exclusive writer lock. Taking it reloads the manifest (another writer may have committed since
+        this Bank was opened) and deletes what crashed writers left behind."""
+        if self._lock_fd is not None:
+            raise RuntimeError("this Bank already holds its lock")
+        before = self.settings
+        with _flock(self.path, timeout) as fd:
+            self._load()
+            # Tensors computed for the settings this Bank was opened with must not land in a bank
+            # that another writer has since re-keyed.
+            _check_same_settings(self.path, self.settings, before)
+            _remove_orphans(self.path, self._manifest)
+            self._lock_fd = fd
+            try:
+                yield self
+            finally:
+                self._lock_fd = None
+
+    def append(self, docs: list[NewDocument], content: dict[int, tuple[Tensor, Tensor]],
+               chunk_counts: list[int], route_keys: Tensor, key_counts: list[int]) -> list[int]:
+        """Write one segment holding `docs` and commit it. content[l] = (k, v), each [sum(chunk_counts), Hk, d]
+        with rows in document order; route_keys [sum(key_counts), Hr, dr]. Returns the new doc ids."""
+        self._require_lock()
+        if not docs:
+            return []
+        settings = self.settings
+        if not len(docs) == len(chunk_counts) == len(key_counts):
+            raise ValueError("docs, chunk_counts and key_counts differ in length")
+        if min(chunk_counts) < 0 or min(key_counts) < 0:
+            raise ValueError("chunk and key counts must not be negative")
+        if set(content) != set(settings["content_layers"]):
+            raise ValueError(f"content layers {sorted(content)} != bank's {settings['content_layers']}")
+        # Everything is checked before anything is written.
+        shape = (sum(chunk_counts), settings["kv_heads"], settings["head_dim"])
+        tensors = {}
+        for layer in settings["content_layers"]:
+            for name, t in zip("kv", content[layer]):
+                tensors[f"{name}.{layer}"] = _checked(t, shape, settings, f"{name}.{layer}")
+        # The router's shape is not in the settings; every segment's keys must share it.
+        key_shape = next((tuple(seg.keys.shape[1:]) for seg in self._segments.values()), None)
+        route = _route_tensors(settings, route_keys, key_counts, list(range(len(docs))), key_shape)
+
+        first = self._manifest["next_doc_id"]
+        doc_ids = list(range(first, first + len(docs)))
+        rows, chunk_start = [], 0
+        for doc_id, doc, n_chunks in zip(doc_ids, docs, chunk_counts):
+            _check_span(doc.span)
+            rows.append({"doc_id": doc_id, "source": str(doc.source), "span": doc.span,
+                         "content_hash": doc.content_hash, "n_tokens": int(doc.n_tokens),
+                         "chunk_start": chunk_start, "chunk_count": int(n_chunks), "text": doc.text})
+            chunk_start += n_chunks
+
+        # A counter (the first doc id, never reused) plus a random suffix: no collision with an orphan
+        # a crashed writer left, even if it was not cleaned up.
+        name = f"{first:09d}-{secrets.token_hex(4)}"
+        directory = self.path / SEGMENTS / name
+        directory.mkdir(parents=True)
+        _write_jsonl(directory / DOCUMENTS, rows)
+        _save_safetensors(tensors, directory / CONTENT)
+        _save_safetensors(route, directory / _route_file(settings["router"]["id"]))
+        _fsync_dir(directory)
+        _fsync_dir(directory.parent)
+
+        manifest = dict(self._manifest)
+        manifest["segments"] = [*manifest["segments"], {"name": name, "first_doc_id": first, "n_docs": len(docs)}]
+        manifest["next_doc_id"] = first + len(docs)
+        self._commit(manifest)
+        return doc_ids
+
+    def remove(self, doc_ids: Iterable[int]) -> None:
+        """Tombstone documents and commit. A segment left without live documents leaves the manifest,
+        and its files are deleted after the commit."""
+        self._require_lock()
+        doc_ids = set(doc_ids)
+        if not doc_ids:
+            return
+        missing = sorted(doc_ids - set(self._docs))
+        if missing:
+            raise MsaError(f"bank {self.path} has no live document {missing[0]}")
+        tombstones = set(self._manifest["tombstones"]) | doc_ids
+        kept, dropped = [], []
+        for entry in self._manifest["segments"]:
+            ids = range(entry["first_doc_id"], entry["first_doc_id"] + entry["n_docs"])
+            (dropped if all(i in tombstones for i in ids) else kept).append(entry)
+        for entry in dropped:  # the segment is gone, so its tombstones are no longer needed
+            tombstones -= set(range(entry["first_doc_id"], entry["first_doc_id"] + entry["n_docs"]))
+        manifest = dict(self._manifest, segments=kept, tombstones=sorted(tombstones))
+        self._commit(manifest)
+        for entry in dropped:
+            shutil.rmtree(self.path / SEGMENTS / entry["name"])
+
+    def reindex(self, router: dict, compute_keys: Callable[[list[Document]], tuple[Tensor, list[int]]]) -> None:
+        """Replace the routing keys of every live segment, leaving content untouched. compute_keys gets one
+        segment's live documents (row order) and returns (keys [N, Hr, dr], key count per document)."""
+        self._require_lock()
+        router = _json_normalised(router)
+        old_route = _route_file(self.settings["router"]["id"])
+        settings = dict(self.settings, router=router)
+        _check_settings(settings)
+        new_route = _route_file(router["id"])
+        if new_route == old_route:
+            # Route files are immutable: new keys need a new id (e.g. one naming the router weights' hash).
+            raise MsaError(f"bank {self.path} already holds keys of router {router['id']!r}; "
+                           f"give the new router another id")
+        live: dict[str, list[Document]] = {name: [] for name in self._segments}
+        for doc in self._docs.values():
+            live[doc.segment].append(doc)
+        # Tombstoned rows get no keys: the router never needs them again.
+        key_shape = None
+        for name, docs in live.items():
+            keys, counts = compute_keys(docs)
+            route = _route_tensors(settings, keys, counts, [d.row for d in docs], key_shape)
+            key_shape = tuple(keys.shape[1:])
+            directory = self.path / SEGMENTS / name
+            _save_safetensors(route, directory / new_route)
+            _fsync_dir(directory)
+        self._commit(dict(self._manifest, settings=settings))
+        for name in live:
+            (self.path / SEGMENTS / name / old_route).unlink()
+
+    def _commit(self, manifest: dict) -> None:
+        manifest["updated"] = _now()
+        _write_manifest(self.path, manifest)
+        self._load()
+
+    def _require_lock(self) -> None:
+        if self._lock_fd is None:
+            raise RuntimeError("changing a bank needs its lock: use `with bank.lock(): ...`")
+
+
+# ----- manifest and settings -----
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        text = (path / MANIFEST).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        raise BankNotFound(f"no bank at {path} (`msa ingest` makes one)") from None
+    try:
+        manifest = json.loads(text)
+        version = manifest["format_version"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise BankMismatch(f"bank {path} is unreadable: {MANIFEST}: {e}") from None
+    if version != FORMAT_VERSION:
+        raise BankMismatch(f"bank {path} has format version {version}; this msa reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """The commit: write a temporary file, make it durable, rename it over the manifest, make the rename
+    durable."""
+    tmp = path / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
+    _fsync_dir(path)
+
+
+def _remove_orphans(path: Path, manifest: dict) -> None:
+    """Delete what a crashed writer left: segments the manifest does not list, route files of other routers,
+    the temporary manifest. Only writers call this, under the lock."""
+    listed = {entry["name"] for entry in manifest["segments"]}
+    route = _route_file(manifest["settings"]["router"]["id"])
+    (path / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+    segments = path / SEGMENTS
+    if not segments.is_dir():
+        return
+    for directory in segments.iterdir():
+        if directory.name not in listed:
+            shutil.rmtree(directory)
+            continue
+        for f in directory.glob("route.*.safetensors"):
+            if f.name != route:
+                f.unlink()
+
+
+def _check_settings(settings: dict) -> None:
+    """The settings the bank itself reads; the rest is opaque to it."""
+    try:
+        layers = settings["content_layers"]
+        ok = (isinstance(layers, list) and all(isinstance(l, int) for l in layers)
+              and settings["dtype"] in FLOAT_DTYPES
+              and all(isinstance(settings[k], int) for k in ("kv_heads", "head_dim"))
+              and isinstance(settings["router"]["id"], str) and _ROUTER_ID.fullmatch(settings["router"]["id"]))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError("bank settings need content_layers (list of int), dtype (one of "
+                         f"{sorted(FLOAT_DTYPES)}), kv_heads, head_dim (int) and router {{id: file-name-safe str}}; "
+                         f"got {settings}")
+
+
+def _check_same_settings(path: Path, stored: dict, expected: dict) -> None:
+    difference = _first_difference(stored, expected, "")
+    if difference is not None:
+        key, was, wanted = difference
+        raise BankMismatch(f"bank {path} was built with {key}={_show(was)}, not {_show(wanted)} "
+                           f"(use the settings it was built with, or another bank)")
+
+
+_UNSET = object()
+
+
+def _first_difference(stored, expected, prefix: str):
+    """(dotted key, stored value, expected value) of the first leaf where two JSON values differ, or None."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        for key in [*expected, *(k for k in stored if k not in expected)]:
+            path = f"{prefix}.{key}" if prefix else key
+            found = _first_difference(stored.get(key, _UNSET), expected.get(key, _UNSET), path)
+            if found is not None:
+                return found
+        return None
+    if stored is _UNSET or expected is _UNSET:
+        return prefix, stored, expected
+    # Compare as JSON so that 1, 1.0 and true stay different.
+    return None if json.dumps(stored) == json.dumps(expected) else (prefix, stored, expected)
+
+
+def _show(value) -> str:
+    return "(unset)" if value is _UNSET else json.dumps(value)
+
+
+def _json_normalised(value: dict) -> dict:
+    # What the manifest will hold: tuples become lists, and a non-JSON value fails here, not at commit.
+    return json.loads(json.dumps(value))
+
+
+def _route_file(router_id: str) -> str:
+    return f"route.{router_id}.safetensors"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----- tensors and files -----
+
+def _checked(t: Tensor, shape: tuple, settings: dict, what: str) -> Tensor:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what}: shape {tuple(t.shape)}, expected {shape}")
+    if t.dtype != FLOAT_DTYPES[settings["dtype"]]:
+        raise ValueError(f"{what}: dtype {t.dtype}, the bank stores {settings['dtype']}")
+    return t.detach().to("cpu").contiguous()
+
+
+def _route_tensors(settings: dict, keys: Tensor, key_counts: list[int], rows: list[int],
+                   key_shape: tuple | None) -> dict[str, Tensor]:
+    """A route file's tensors: keys grouped by row in row order, and key_doc naming each key's row
+    (rows[i] owns key_counts[i] keys). key_shape: the (Hr, dr) the bank's other keys have, if any."""
+    if len(rows) != len(key_counts):
+        raise ValueError("one key count per document is needed")
+    if min(key_counts, default=0) < 0:
+        raise ValueError("key counts must not be negative")
+    if keys.dim() != 3:
+        raise ValueError(f"route keys: shape {tuple(keys.shape)}, expected [N_keys, Hr, dr]")
+    shape = (sum(key_counts), *(key_shape or keys.shape[1:]))
+    key_doc = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int32),
+                                      torch.tensor(key_counts, dtype=torch.int64))
+    return {"keys": _checked(keys, shape, settings, "route keys"), "key_doc": key_doc}
+
+
+def _template_tensors(settings: dict, template_kv: dict[int, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    missing = set(settings["content_layers"]) - set(template_kv)
+    if missing:
+        raise ValueError(f"template K/V lacks layers {sorted(missing)}")
+    tensors = {}
+    for layer, (k, v) in sorted(template_kv.items()):
+        shape = (k.shape[0], settings["kv_heads"], settings["head_dim"])
+        tensors[f"k.{layer}"] = _checked(k, shape, settings, f"template k.{layer}")
+        tensors[f"v.{layer}"] = _checked(v, shape, settings, f"template v.{layer}")
+    return tensors
+
+
+def _check_span(span: dict) -> None:
+    if (not isinstance(span, dict) or set(span) != {"page", "line_start", "line_end"}
+            or not all(v is None or isinstance(v, int) for v in span.values())):
+        raise ValueError(f"a span is {{page, line_start, line_end}}, each int or None; got {span}")
+
+
+def _map_safetensors(path: Path) -> dict[str, Tensor]:
+    """Map a safetensors file read-only: 8-byte little-endian header length, JSON header, then the data.
+    Returns tensors that view the mapping, so nothing is read until it is touched."""
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    header_len = int.from_bytes(buf[:8].tobytes(), "little")
+    try:
+        header = json.loads(buf[8:8 + header_len].tobytes())
+    except ValueError as e:
+        raise BankMismatch(f"{path} is unreadable: {e}") from None
+    data = buf[8 + header_len:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _MAPPED_DTYPES:
+            raise BankMismatch(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        np_dtype, torch_dtype = _MAPPED_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        array = data[begin:end].view(np_dtype).reshape(info["shape"])
+        # The mapping is read-only by design (segments are immutable); torch warns that it cannot
+        # express that. Writing to these tensors in place would fault, and nothing here does.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors[name] = torch.from_numpy(array).view(torch_dtype)
+    return tensors
+
+
+def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    save_file(tensors, path)
+    _fsync_file(path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new file is durable only once its directory entry is.
+    _fsync_file(path)
+
+
+@contextmanager
+def _flock(path: Path, timeout: float) -> Iterator[int]:
+    """Hold an exclusive flock on <bank>/.lock; wait up to `timeout` seconds, then raise BankLocked."""
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BankLocked(f"bank {path} is being changed by another msa process; "
+                                     f"try again when it has finished") from None
+                time.sleep(0.05)
+        yield fd
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

