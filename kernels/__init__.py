@@ -1,0 +1,19 @@
+"""Triton kernels for MSA routing (stage 2) and router-layer memory attention (stage 3).
+
+Each kernel has a plain torch reference; the dispatch functions use Triton for GPU tensors (or
+anywhere with MSA_KERNELS=triton, e.g. under TRITON_INTERPRET=1) and the reference otherwise.
+The folder is `kernels/` but installs as `msa_kernels`: Hugging Face publishes a distribution named
+`kernels` that transformers probes for, and ours must not shadow it.
+"""
+
+from .memory_attention import memory_attention, memory_attention_torch, memory_attention_triton
+from .routing import route_scores, route_scores_torch, route_scores_triton
+
+__all__ = [
+    "memory_attention",
+    "memory_attention_torch",
+    "memory_attention_triton",
+    "route_scores",
+    "route_scores_torch",
+    "route_scores_triton",
+]

@@ -1,0 +1,33 @@
+"""Turn routed documents into a prompt, and documents into citations."""
+
+from __future__ import annotations
+
+from ..memory.bank import Document
+
+SYSTEM = ("You answer questions using only the numbered sources given. Cite the sources you use as [1], [2]. "
+          "If the sources do not contain the answer, say that you do not know.")
+
+
+def citation(doc: Document) -> str:
+    """`path:page` for paged formats, `path:start-end` (lines) otherwise."""
+    span = doc.span
+    if span.get("page") is not None:
+        return f"{doc.source}:{span['page']}"
+    if span.get("line_start") is not None:
+        start, end = span["line_start"], span["line_end"]
+        return f"{doc.source}:{start}" if start == end else f"{doc.source}:{start}-{end}"
+    return doc.source
+
+
+def text_prompt(tokenizer, question: str, docs: list[Document]) -> list[int]:
+    """The chat prompt for the original-text path: numbered sources, then the question."""
+    sources = "\n\n".join(f"[{n}] {citation(d)}\n{d.text}" for n, d in enumerate(docs, 1))
+    user = f"Sources:\n\n{sources}\n\nQuestion: {question}" if docs else f"Question: {question}"
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def memory_prompt(tokenizer, question: str) -> list[int]:
+    """The local tokens of MSA's pooled-memory path: the question after the cached template head
+    ("<|im_start|>user\\n"), then the template tail and the assistant's turn."""
+    return tokenizer(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids

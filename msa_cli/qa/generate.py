@@ -1,0 +1,110 @@
+"""Stage 3: prefill and greedy decoding with a KV cache, optionally over pooled memory.
+
+Two ways to give the model what the router selected:
+- original text (the default for models never trained on pooled K/V): the documents' text is part of the
+  prompt, read as ordinary tokens. The MSA paper's ablation loses 37% without it even for its trained model.
+- pooled memory (MSA stage 3): in each content layer the local tokens also attend to the pooled K/V chunks
+  of the selected documents; every layer starts from the template head's cached K/V (positions 0..2) and the
+  query's positions start at 3 + k (digest §2).
+Both run through `Decoder.forward`, one layer loop; the memory, when there is one, is only an extra prefix
+in the content layers' attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+from msa_kernels.memory_attention import memory_attention
+
+from ..model.backbone import Backbone
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V of the local sequence so far: k/v [T, Hk, d] after RoPE."""
+    k: list[Tensor | None]
+    v: list[Tensor | None]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "KVCache":
+        return cls([None] * n_layers, [None] * n_layers)
+
+    @classmethod
+    def from_prefix(cls, prefix: dict[int, tuple[Tensor, Tensor]], n_layers: int, dtype: torch.dtype) -> "KVCache":
+        """A cache that starts with a precomputed prefix (the bank's template head) in every layer."""
+        k = [prefix[i][0].to(dtype) for i in range(n_layers)]
+        v = [prefix[i][1].to(dtype) for i in range(n_layers)]
+        return cls(k, v, k[0].shape[0])
+
+    def append(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k])
+        self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v])
+        return self.k[i], self.v[i]
+
+
+@dataclass
+class Memory:
+    """Pooled K/V of the selected documents for each content layer: layer -> (k [S, Hk, d], v [S, Hk, d])."""
+    kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+class Decoder:
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+
+    @torch.inference_mode()
+    def forward(self, ids: Tensor, positions: Tensor, cache: KVCache, memory: Memory | None = None) -> Tensor:
+        """Run ids [T] at positions [T] after what the cache holds; extend the cache -> last logits [vocab]."""
+        b = self.backbone
+        h = b.embed_tokens(ids)
+        for i in range(b.cfg.n_layers):
+            q, k, v = b.qkv(i, h)
+            q, k = b.rope(q, positions), b.rope(k, positions)
+            k_all, v_all = cache.append(i, k, v)
+            if memory is not None and i in memory.kv:
+                k_mem, v_mem = memory.kv[i]
+                index = torch.arange(k_mem.shape[0])
+                attn = memory_attention(q, k_all, v_all, k_mem.to(q.dtype), v_mem.to(q.dtype), index)
+            else:
+                attn = local_attention(q, k_all, v_all)
+            h = b.finish_layer(i, h, attn)
+        cache.length += ids.shape[0]
+        return b.head(h[-1:])[0].float()
+
+    def generate(self, prompt: list[int], *, cache: KVCache, start_position: int, max_new_tokens: int,
+                 stop_ids: Iterable[int], memory: Memory | None = None,
+                 on_token: Callable[[int], None] | None = None) -> list[int]:
+        """Greedy decoding: prefill the prompt, then one token at a time until a stop id or the budget."""
+        stop = set(stop_ids)
+        positions = torch.arange(start_position, start_position + len(prompt))
+        logits = self.forward(torch.tensor(prompt), positions, cache, memory)
+        out: list[int] = []
+        position = start_position + len(prompt)
+        while len(out) < max_new_tokens:
+            token = int(logits.argmax())
+            if token in stop:
+                break
+            out.append(token)
+            if on_token:
+                on_token(token)
+            logits = self.forward(torch.tensor([token]), torch.tensor([position]), cache, memory)
+            position += 1
+        return out
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention of the last Tq tokens over the Tl cached ones (bottom-right aligned):
+    q [Tq, Hq, d], k/v [Tl, Hk, d] -> [Tq, Hq, d]."""
+    tq, tl = q.shape[0], k.shape[0]
+    mask = None if tq == 1 else causal_lower_right(tq, tl)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=False, enable_gqa=True)
+    return out[0].transpose(0, 1)
