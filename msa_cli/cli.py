@@ -98,17 +98,20 @@ def ask(question: str = typer.Argument(..., help="The question."),
     t0 = time.perf_counter()
     hits = engine.route(question, top_k)
     t1 = time.perf_counter()
-    stream = not as_json and sys.stdout.isatty()
-    printed = ""
+    stream = not as_json and sys.stdout.isatty()   # a terminal sees the answer as it is written
+    generated: list[int] = []
+    shown = 0
 
-    def on_token(_token, ids=[]):  # stream whole characters as they complete
-        nonlocal printed
-        ids.append(_token)
-        text = tok.decode(ids, skip_special_tokens=True)
-        if stream and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed):])
+    def on_token(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        if not stream:
+            return
+        text = tok.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            sys.stdout.write(text[shown:])
             sys.stdout.flush()
-            printed = text
+            shown = len(text)
 
     docs = [h.document for h in hits]
     if context == "text":
@@ -127,11 +130,9 @@ def ask(question: str = typer.Argument(..., help="The question."),
                                       "total_ms": round((t2 - t0) * 1e3, 1)},
                           "tokens": len(out)}))
         return
-    if stream:
-        sys.stdout.write(answer[len(printed.strip()):] if not printed else "")
-        print()
-    else:
+    if not stream:
         print(answer)
+    print("\n" if stream else "")
     print()
     for n, h in enumerate(hits, 1):
         print(f"[{n}] {citation(h.document)}  ({h.score:.3f})")

@@ -31,7 +31,7 @@ def model():
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory):
     path = tmp_path_factory.mktemp("bank")
-    r = msa("ingest", str(SAMPLES), "--bank", str(path), "--quiet")
+    r = msa("ingest", str(SAMPLES / "python"), "--bank", str(path), "--quiet")
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     return path
@@ -73,7 +73,7 @@ def test_search_lists_documents_with_spans(bank):
 
 def test_reingesting_an_unchanged_folder_encodes_nothing(bank):
     before = json.loads(msa("status", "--bank", str(bank), "--json").stdout)
-    r = msa("ingest", str(SAMPLES), "--bank", str(bank))
+    r = msa("ingest", str(SAMPLES / "python"), "--bank", str(bank))
     assert r.returncode == 0, r.stderr
     assert "ingested 0 files" in r.stderr
     after = json.loads(msa("status", "--bank", str(bank), "--json").stdout)
