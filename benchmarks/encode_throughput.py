@@ -74,7 +74,7 @@ def main() -> None:
 
     model = load_model(dtype=torch.bfloat16)
     cfg = model.backbone.cfg
-    router = Router(default_router(model), cfg.n_heads // cfg.n_kv_heads)
+    router = Router(default_router(model))
     settings = bank_settings(model, router.spec)
     texts = passages(args.passages)
     docs = [document_ids(model.tokenizer, t) for t in texts]

@@ -37,8 +37,7 @@ class Engine:
 
     @classmethod
     def open(cls, model: Model, bank_path: Path, create: bool = False) -> "Engine":
-        cfg = model.backbone.cfg
-        router = Router(default_router(model), cfg.n_heads // cfg.n_kv_heads)
+        router = Router(default_router(model))
         expected = bank_settings(model, router.spec)
         if create:
             bank = Bank.open_or_create(bank_path, expected,

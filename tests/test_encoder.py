@@ -13,7 +13,7 @@ LAYERS = [2, 3]
 
 def make(pooling=8, granularity=4):
     backbone = tiny_backbone("qwen3")
-    router = Router(RouterSpec(heads=((1, 0), (2, 1)), granularity=granularity), group=3)
+    router = Router(RouterSpec(heads=((1, 0), (2, 4)), group=3, granularity=granularity))
     return backbone, router, pooling
 
 

@@ -37,7 +37,7 @@ def test_memory_with_pooling_1_equals_plain_attention_over_the_documents_kv():
     plain attention over those documents' K/V (here: the same K/V placed in the cache as a prefix)."""
     backbone = tiny_backbone("qwen3")
     layers = list(range(backbone.cfg.n_layers))
-    router = Router(RouterSpec(heads=((0, 0),), granularity=1), group=3)
+    router = Router(RouterSpec(heads=((0, 0),), group=3, granularity=1))
     docs = [torch.randint(0, 101, (n,)).tolist() for n in (7, 11)]
     enc = encode(backbone, docs, layers, router, pooling=1, out_dtype=torch.float32)
     template = {i: (torch.randn(3, 2, 16), torch.randn(3, 2, 16)) for i in layers}

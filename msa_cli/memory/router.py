@@ -1,8 +1,8 @@
 """Stage 2: which documents a question reads.
 
-The router is pluggable: which (layer, KV head) pairs produce routing keys, at what granularity (tokens per
-key: 64 is MSA's chunk, smaller is finer), and whether keys and queries are centred, are its settings. They
-are recorded in the bank (`settings["router"]`) apart from the layers that keep pooled content K/V, so a new
+The router is pluggable: which (layer, query head) pairs route (their KV heads give the keys), at what
+granularity (tokens per key: 64 is MSA's chunk, smaller is finer), and whether keys and queries are centred,
+are its settings. They are recorded in the bank (`settings["router"]`) apart from the layers that keep pooled content K/V, so a new
 router only recomputes the hot tier (`msa reindex`), never the content.
 
 "native" routing uses the layer's own projections, as digest §8.2 recommends for an untrained model:
@@ -35,12 +35,18 @@ ROUTER_DIR = Path(__file__).resolve().parent.parent / "data"   # calibrated rout
 
 @dataclass(frozen=True)
 class RouterSpec:
-    heads: tuple[tuple[int, int], ...]     # (layer, kv_head) pairs that produce routing keys
+    heads: tuple[tuple[int, int], ...]     # (layer, query head) pairs that route; their KV heads give the keys
+    group: int                             # query heads per KV head (GQA): query head h reads KV head h // group
     granularity: int = 64                  # tokens per routing key
     kind: str = "native"
-    # Centring vectors (fp32): mean_key [Hr, d] per routing head, mean_query [Hr * G, d] per query head.
+    # Centring vectors (fp32): mean_key [Hr, d] per key head (in `key_heads` order), mean_query [len(heads), d].
     mean_key: Tensor | None = field(default=None, compare=False)
     mean_query: Tensor | None = field(default=None, compare=False)
+
+    @property
+    def key_heads(self) -> list[tuple[int, int]]:
+        """The (layer, KV head) pairs stored in the bank: each once, however many of its query heads route."""
+        return sorted({(layer, h // self.group) for layer, h in self.heads})
 
     @property
     def layers(self) -> list[int]:
@@ -56,16 +62,17 @@ class RouterSpec:
         return h.hexdigest()[:16]
 
     def describe(self, with_id: bool = True) -> dict:
-        d = {"kind": self.kind, "heads": [list(p) for p in self.heads], "granularity": self.granularity,
-             "centred": self.mean_key is not None}
+        d = {"kind": self.kind, "heads": [list(p) for p in self.heads], "group": self.group,
+             "granularity": self.granularity, "centred": self.mean_key is not None}
         if with_id:
             d["id"] = self.id
         return d
 
 
-def msa_default_spec(n_layers: int, n_kv_heads: int) -> RouterSpec:
-    """MSA's own choice: every KV head of the upper half of the layers, 64-token chunks, no centring."""
-    return RouterSpec(heads=tuple((layer, h) for layer in range(n_layers // 2, n_layers) for h in range(n_kv_heads)))
+def msa_default_spec(n_layers: int, n_heads: int, n_kv_heads: int) -> RouterSpec:
+    """MSA's own choice: every head of the upper half of the layers, 64-token chunks, no centring."""
+    return RouterSpec(heads=tuple((layer, h) for layer in range(n_layers // 2, n_layers) for h in range(n_heads)),
+                      group=n_heads // n_kv_heads)
 
 
 def default_router(model) -> RouterSpec:
@@ -74,7 +81,7 @@ def default_router(model) -> RouterSpec:
     if shipped.is_file():
         return load_spec(shipped)
     cfg = model.backbone.cfg
-    return msa_default_spec(cfg.n_layers, cfg.n_kv_heads)
+    return msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
 
 
 def save_spec(spec: RouterSpec, path: Path, about: dict) -> None:
@@ -89,14 +96,16 @@ def load_spec(path: Path) -> RouterSpec:
     with safe_open(path, framework="pt") as f:
         d = json.loads(f.metadata()["spec"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    return RouterSpec(heads=tuple(tuple(p) for p in d["heads"]), granularity=d["granularity"], kind=d["kind"],
+    return RouterSpec(heads=tuple(tuple(p) for p in d["heads"]), group=d["group"], granularity=d["granularity"],
+                      kind=d["kind"],
                       mean_key=tensors.get("mean_key"), mean_query=tensors.get("mean_query"))
 
 
 class Router:
-    def __init__(self, spec: RouterSpec, group: int):
+    def __init__(self, spec: RouterSpec):
         self.spec = spec
-        self.group = group  # query heads per KV head (GQA)
+        # Which stored key head each routing query head reads.
+        self.key_of_head = torch.tensor([spec.key_heads.index((layer, h // spec.group)) for layer, h in spec.heads])
 
     # --- keys (stage 1) -----------------------------------------------------------------------------------
 
@@ -108,7 +117,7 @@ class Router:
         centred, unit length per head) in document order and the number of keys of each document.
         """
         g = self.spec.granularity
-        selected = torch.stack([k_pre[layer][:, head] for layer, head in self.spec.heads], 1).float()  # [T, Hr, d]
+        selected = torch.stack([k_pre[layer][:, head] for layer, head in self.spec.key_heads], 1).float()  # [T, Hr, d]
         rank = rank_in_doc(token_doc)
         # Token 0 of a document is a sink: leave it out; key j averages tokens 1 + g*j .. g*(j+1).
         lengths = torch.bincount(token_doc, minlength=n_docs)
@@ -127,13 +136,19 @@ class Router:
     # --- queries (stage 2) --------------------------------------------------------------------------------
 
     def query(self, q_pre: dict[int, Tensor]) -> Tensor:
-        """q_pre: layer -> [T, Hq, d] pre-RoPE queries of the routing tokens -> [T, Hr * G, d] (fp32, centred,
-        unit length per head); query heads of routing head r are r*G .. r*G+G-1 (the kernels' GQA layout)."""
-        g = self.group
-        q = torch.cat([q_pre[layer][:, head * g:(head + 1) * g] for layer, head in self.spec.heads], 1).float()
+        """q_pre: layer -> [T, Hq, d] pre-RoPE queries of the routing tokens -> [T, Hr, d], one vector per key
+        head for the kernels (with G = 1).
+
+        The score is the mean over the routing query heads of cos(q_h, k_kv(h)). Because it is linear in the
+        normalised q_h, each key head's query heads fold into one vector: Hr/len(heads) times their sum, so that
+        the kernels' own mean over the Hr heads gives exactly that mean."""
+        q = torch.stack([q_pre[layer][:, head] for layer, head in self.spec.heads], 1).float()  # [T, n, d]
         if self.spec.mean_query is not None:
             q = q - self.spec.mean_query
-        return F.normalize(q, dim=-1)
+        q = F.normalize(q, dim=-1)
+        n_keys = len(self.spec.key_heads)
+        folded = torch.zeros(q.shape[0], n_keys, q.shape[2]).index_add_(1, self.key_of_head, q)
+        return folded * (n_keys / len(self.spec.heads))
 
     def scores(self, q: Tensor, segments) -> tuple[Tensor, Tensor]:
         """Score every live document of the bank's routing segments -> (doc_ids [N], scores [N] fp32)."""
