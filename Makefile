@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/msa ingest sample_corpora/python --bank $(DEMO_BANK)
+	$(BIN)/msa ingest sample_corpora --bank $(DEMO_BANK)
 	$(BIN)/msa ask "What is the Python programming language named after?" --bank $(DEMO_BANK)
 
 test: setup

@@ -38,25 +38,39 @@ def open_engine(bank: Optional[Path], model: Optional[str], create: bool = False
 @app.command()
 def ingest(paths: list[Path] = typer.Argument(..., help="Files or folders to read into memory."),
            bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
-           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")):
-    """Read files and folders into the memory bank (unchanged files are skipped)."""
+           prune: bool = typer.Option(True, "--prune/--no-prune",
+                                      help="Remove files that are gone from an ingested folder."),
+           passage_tokens: int = typer.Option(settings.PASSAGE_TOKENS, "--passage-tokens", min=16, max=8192,
+                                              help="Most tokens per memory document (applies to new and changed "
+                                                   "files)."),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary.")):
+    """Read files and folders into the memory bank. Unchanged files are not read again, changed files are
+    replaced, and files gone from an ingested folder are removed."""
     from .ingest import ingest as run_ingest
 
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [str(p) for p in paths if not os.path.exists(p)]
     if missing:
         raise errors.MsaError(f"no such file or folder: {missing[0]}", errors.USAGE)
     engine = open_engine(bank, model, create=True)
-    start = time.perf_counter()
-    report = run_ingest(engine, paths, quiet=quiet)
-    for w in report.warnings:
-        say(f"msa: warning: {w}")
-    seconds = time.perf_counter() - start
-    skipped = ", ".join(f"{n} {why}" for why, n in sorted(report.skipped.items())) or "none"
+    report = run_ingest(engine, paths, prune=prune, passage_tokens=passage_tokens,
+                        progress=not quiet and sys.stderr.isatty())
     if not quiet:
-        say(f"ingested {report.ingested} files ({report.documents} documents, {report.tokens} tokens) in "
-            f"{seconds:.1f}s; unchanged {report.unchanged}; skipped: {skipped}")
-    if report.ingested == 0 and report.unchanged == 0:
+        say(report.summary())
+    if report.ingested == 0 and report.unchanged == 0 and report.removed == 0:
         raise errors.MsaError("nothing was ingested", errors.NOTHING_INGESTED)
+
+
+@app.command()
+def forget(paths: list[Path] = typer.Argument(..., help="Files or folders whose documents leave the bank "
+                                                        "(they need not exist any more)."),
+           bank: Optional[Path] = BankOption):
+    """Remove files, or everything under folders, from the memory bank."""
+    from .ingest import forget as run_forget
+    from .memory.bank import Bank
+
+    files, documents = run_forget(Bank.open(bank or settings.default_bank()), paths)
+    say(f"forgot {files} files ({documents} documents)" if files else
+        f"nothing in the bank comes from {', '.join(map(str, paths))}")
 
 
 @app.command()
@@ -73,7 +87,9 @@ def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] =
             print(json.dumps({"rank": rank, "doc_id": d.doc_id, "path": d.source, **d.span,
                               "score": round(hit.score, 4)}))
         else:
-            print(f"{rank:>3}. {hit.score:.3f}  {citation(d)}")
+            preview = " ".join(d.text.split())
+            preview = preview if len(preview) <= 70 else preview[:69] + "…"
+            print(f"{rank:>3}. {hit.score:.3f}  {citation(d)}  {preview}")
 
 
 @app.command()
@@ -140,27 +156,34 @@ def ask(question: str = typer.Argument(..., help="The question."),
 
 @app.command()
 def status(bank: Optional[Path] = BankOption, as_json: bool = typer.Option(False, "--json")):
-    """What the memory bank holds."""
+    """What the memory bank holds: files, documents, tokens, size on disk, model, router, last ingest."""
     from .memory.bank import Bank
 
     path = bank or settings.default_bank()
     b = Bank.open(path)
     stats = b.stats()
     s = b.settings
-    info = {"bank": str(path), "files": len({d.source for d in b.documents()}), **stats,
-            "model": s["model"], "router": s["router"]}
+    info = {"bank": str(path.absolute()), "files": len({d.source for d in b.documents()}), **stats,
+            "model": s["model"], "router": s["router"], "last_ingest": b.info.get("last_ingest")}
     if as_json:
         print(json.dumps(info))
         return
-    print(f"bank      {path}")
-    print(f"files     {info['files']}    documents {stats['documents']}    tokens {stats['tokens']}")
-    print(f"on disk   " + "  ".join(f"{k} {v / 1e6:.1f} MB" for k, v in stats["bytes_on_disk"].items()))
-    print(f"model     {s['model']['name']} ({s['model']['weights_sha256'][:12]})")
-    print(f"router    {s['router']['kind']} {s['router']['id']}")
+    sizes = stats["bytes_on_disk"]
+    print(f"bank         {info['bank']}")
+    print(f"files        {info['files']:,}    documents {stats['documents']:,}    tokens {stats['tokens']:,}")
+    print(f"on disk      {sum(sizes.values()) / 1e6:.1f} MB  ("
+          + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sizes.items()) + ")")
+    print(f"model        {s['model']['name']} ({s['model']['weights_sha256'][:12]})")
+    print(f"router       {s['router']['kind']} {s['router']['id']}")
+    last = info["last_ingest"]
+    if last:
+        print(f"last ingest  {last['finished']}: {last['ingested']} ingested, {last['unchanged']} unchanged, "
+              f"{last['removed']} removed, {sum(last['skipped'].values())} skipped ({last['seconds']:.1f}s)")
 
 
 def main() -> None:
     """Entry point: one line on stderr and a documented exit code for every failure, never a traceback."""
+    raise_open_file_limit()
     try:
         app(standalone_mode=False)
     except errors.MsaError as e:
@@ -181,6 +204,19 @@ def main() -> None:
             raise
         say(f"msa: internal error: {type(e).__name__}: {e} (MSA_DEBUG=1 shows the traceback)")
         sys.exit(errors.INTERNAL)
+
+
+def raise_open_file_limit() -> None:
+    """A bank maps two files per segment and a mapping holds a file descriptor: allow as many as the system
+    lets an unprivileged process have, as databases do."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        except (ValueError, OSError):
+            pass   # keep the default; only a very large bank needs more
 
 
 if __name__ == "__main__":

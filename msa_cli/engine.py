@@ -15,7 +15,7 @@ import torch
 from . import settings as defaults
 from .corpus.splitter import Passage
 from .memory.bank import Bank, Document, NewDocument
-from .memory.encoder import document_ids, encode, routing_query, template_kv, TEMPLATE_HEAD
+from .memory.encoder import Encoded, document_ids, encode, routing_query, template_kv, TEMPLATE_HEAD
 from .memory.router import Router, RouterSpec, default_router, top_k
 from .model.loading import Model
 from .qa.generate import Decoder, KVCache, Memory
@@ -48,17 +48,21 @@ class Engine:
 
     # --- stage 1 ------------------------------------------------------------------------------------------
 
-    def add(self, passages: list[tuple[Passage, str]]) -> list[int]:
-        """Encode (passage, file content hash) pairs and commit them as one bank segment.
-        The caller holds the bank's lock and batches (a crash loses at most one uncommitted batch)."""
+    def encode(self, passages: list[Passage], on_tokens=None) -> Encoded:
+        """Stage 1 for a batch of passages; on_tokens(n) reports progress after each forward."""
         s = self.bank.settings
-        token_ids = [document_ids(self.model.tokenizer, p.text) for p, _ in passages]
-        enc = encode(self.model.backbone, token_ids, s["content_layers"], self.router, s["pooling"],
-                     BANK_DTYPE, defaults.PACK_TOKENS)
+        token_ids = [document_ids(self.model.tokenizer, p.text) for p in passages]
+        return encode(self.model.backbone, token_ids, s["content_layers"], self.router, s["pooling"],
+                      BANK_DTYPE, defaults.PACK_TOKENS, on_pack=on_tokens)
+
+    def commit(self, passages: list[tuple[Passage, str]], encoded: Encoded, replacing: list[int] = ()) -> list[int]:
+        """Write encoded (passage, file content hash) pairs as one bank segment, removing the documents
+        `replacing` in the same commit. The caller holds the bank's lock."""
         docs = [NewDocument(source=p.path, span={"page": p.page, "line_start": p.line_start, "line_end": p.line_end},
-                            content_hash=digest, n_tokens=len(t), text=p.text)
-                for (p, digest), t in zip(passages, token_ids)]
-        return self.bank.append(docs, enc.content, enc.chunk_counts, enc.route_keys, enc.key_counts)
+                            content_hash=digest, n_tokens=p.n_tokens, text=p.text)
+                for p, digest in passages]
+        return self.bank.append(docs, encoded.content, encoded.chunk_counts, encoded.route_keys,
+                                encoded.key_counts, replacing=replacing)
 
     # --- stage 2 ------------------------------------------------------------------------------------------
 

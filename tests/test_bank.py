@@ -371,14 +371,41 @@ def test_reader_keeps_its_snapshot(tmp_path):
     assert Bank.open(tmp_path / "bank").num_documents == 5
 
 
-def test_reader_of_a_removed_segment_is_told_to_reopen(tmp_path):
+def test_reader_keeps_reading_a_segment_removed_after_it_opened(tmp_path):
+    # `msa ask` during an ingest that replaces files: the reader's snapshot stays whole.
     writer = new_bank(tmp_path)
-    append(writer, make_batch(2, "a"))
+    first = make_batch(2, "a")
+    append(writer, first)
     reader = Bank.open(tmp_path / "bank")
     with writer.lock():
         writer.remove([0, 1])
-    with pytest.raises(MsaError, match="open it again"):
-        reader.load_content([0], LAYERS[0])
+    assert not list((tmp_path / "bank" / "segments").iterdir())
+    k, _, _ = reader.load_content([1], LAYERS[0])
+    assert torch.equal(k, doc_content(first, 1, LAYERS[0])[0])
+    assert [d.text for d in reader.documents()] == [d.text for d in first[0]]
+
+
+def test_append_replacing_is_one_commit(tmp_path):
+    bank = new_bank(tmp_path)
+    append(bank, make_batch(2, "a"))
+    b = make_batch(1, "b")
+    commits = []
+    with bank.lock():
+        real_commit = bank._commit
+        bank._commit = lambda m: (commits.append(m), real_commit(m))
+        bank.append(*b, replacing=[0, 1])
+    assert len(commits) == 1
+    bank = Bank.open(tmp_path / "bank")
+    assert [d.doc_id for d in bank.documents()] == [2]
+    assert len(list((tmp_path / "bank" / "segments").iterdir())) == 1   # the emptied segment is deleted
+
+
+def test_info_is_committed_and_survives_appends(tmp_path):
+    bank = new_bank(tmp_path)
+    with bank.lock():
+        bank.set_info("last_ingest", {"files": 3})
+    append(bank, make_batch(1, "a"))
+    assert Bank.open(tmp_path / "bank").info == {"last_ingest": {"files": 3}}
 
 
 def test_every_file_is_json_jsonl_or_safetensors(tmp_path):

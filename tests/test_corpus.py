@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from msa_cli.corpus.readers import UnreadableFile, iter_files, make_text, read_file
+from msa_cli.corpus.readers import UnreadableFile, make_text, read_file
+from msa_cli.corpus.walk import walk
 from msa_cli.corpus.splitter import split
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_corpora"
@@ -206,44 +207,26 @@ def test_files_without_extension_are_sniffed(tmp_path):
         read_file(tmp_path / "program")
 
 
-def test_iter_files_skips_hidden_vcs_venvs_and_link_loops(tmp_path):
-    def touch(relative, content="x\n"):
-        path = tmp_path / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
-
-    for kept in ("README", "a.txt", "sub/b.md", "sub/deeper/c.py"):
-        touch(kept)
-    for skipped in (".hidden.txt", ".git/config.txt", ".hg/x.txt", ".svn/x.txt", ".venv/lib/x.py",
-                    "venv/lib/x.py", "node_modules/pkg/index.js", "__pycache__/x.py", "sub/photo.png"):
-        touch(skipped)
-    touch("env-any-name/pyvenv.cfg", "home = /usr/bin\n")
-    touch("env-any-name/lib/x.py")
-    os.symlink("..", tmp_path / "sub" / "loop")                 # a folder link back up: never entered
-    os.symlink(tmp_path / "sub", tmp_path / "sub-link")         # a folder link: never entered
-    os.symlink("../a.txt", tmp_path / "sub" / "linked.txt")     # a file link is read, as a file
-    os.symlink("nowhere.txt", tmp_path / "sub" / "broken.txt")  # a broken link is dropped
-
-    found = [p.relative_to(tmp_path).as_posix() for p in iter_files(tmp_path)]
-    assert found == ["README", "a.txt", "sub/b.md", "sub/linked.txt", "sub/deeper/c.py"]
-    assert found == [p.relative_to(tmp_path).as_posix() for p in iter_files(tmp_path)]
-
-
-def test_iter_files_on_a_file_or_nothing(tmp_path):
-    (tmp_path / "one.txt").write_text("x")
-    assert list(iter_files(tmp_path / "one.txt")) == [tmp_path / "one.txt"]
-    with pytest.raises(UnreadableFile):
-        list(iter_files(tmp_path / "missing"))
-
-
 # --- the sample corpus ------------------------------------------------------------------------------------------
 
+def sample_files():
+    return [p for p in walk(SAMPLES) if isinstance(p, Path)]
+
+
 def test_sample_corpus_reads_and_splits_cleanly():
-    paths = list(iter_files(SAMPLES / "python"))
-    assert len(paths) >= 5
+    paths = sample_files()
+    names = {p.relative_to(SAMPLES).as_posix() for p in paths}
+    assert {"reportlab/reportlab-userguide-excerpt.pdf", "sqlite/whentouse.html", "python/Lib/shlex.py"} <= names
+    assert not names & {"SOURCES.md", "questions.jsonl", "LICENSE-PSF.txt"}, ".msaignore keeps these out"
     for path in paths:
         text = read_file(path)
-        check_passages(text, split(text, subwords, 320), subwords, 320)
+        passages = split(text, subwords, 320)
+        if path.suffix == ".html":  # cited by the HTML file's lines, not the extracted text's
+            text = make_text(text.path, text.text)
+            passages = [dataclasses.replace(p, line_start=text.line_at(text.text.find(p.text)),
+                                            line_end=text.line_at(text.text.find(p.text) + len(p.text) - 1))
+                        for p in passages]
+        check_passages(text, passages, subwords, 320)
 
 
 def _flat(s):
@@ -252,20 +235,27 @@ def _flat(s):
 
 def test_sample_questions_point_at_their_answers():
     questions = [json.loads(line) for line in (SAMPLES / "questions.jsonl").read_text().splitlines()]
-    assert 8 <= len(questions) <= 10
+    assert len(questions) >= 15
     assert len({q["id"] for q in questions}) == len(questions)
-    corpus = {p.relative_to(SAMPLES).as_posix(): p.read_text() for p in iter_files(SAMPLES / "python")}
-    assert len({q["gold_files"][0] for q in questions}) >= 5, "questions should spread over the files"
+    texts = {p.relative_to(SAMPLES).as_posix(): read_file(p) for p in sample_files()}
+    assert len({q["gold_files"][0] for q in questions}) >= 7, "questions should spread over the files"
     for q in questions:
         assert q["question"].strip() and q["answers"]
         (gold,) = q["gold_files"]
-        assert gold in corpus, f"{q['id']}: no file {gold}"
-        first, last = q["gold_lines"]
-        lines = corpus[gold].splitlines()
-        assert 1 <= first <= last <= len(lines)
-        # The main answer is stated in the gold lines (across line breaks) and in no other file.
+        assert gold in texts, f"{q['id']}: no file {gold}"
+        if "gold_pages" in q:   # the answer is on these pages of the PDF's text
+            text = texts[gold]
+            first, last = q["gold_pages"]
+            bounds = list(text.pages) + [len(text.text)]
+            stated = text.text[bounds[first - 1]:bounds[last]]
+        else:                   # ... or on these lines of the file itself (for HTML, of its source)
+            lines = (SAMPLES / gold).read_text().splitlines()
+            first, last = q["gold_lines"]
+            assert 1 <= first <= last <= len(lines)
+            stated = "\n".join(lines[first - 1:last])
+        # The main answer is stated there and in no other file.
         answer = _flat(q["answers"][0])
-        assert answer in _flat("\n".join(lines[first - 1:last])), f"{q['id']}: answer not in gold lines"
+        assert answer in _flat(stated), f"{q['id']}: answer not where gold says"
         alone = re.compile(rf"(?<!\w){re.escape(answer)}(?!\w)")
-        elsewhere = [name for name, content in corpus.items() if name != gold and alone.search(_flat(content))]
+        elsewhere = [name for name, t in texts.items() if name != gold and alone.search(_flat(t.text))]
         assert not elsewhere, f"{q['id']}: answer also in {elsewhere}"

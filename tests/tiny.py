@@ -28,3 +28,39 @@ def tiny_hf_model(family: str, seed: int = 0):
 def tiny_backbone(family: str = "llama", seed: int = 0) -> Backbone:
     model = tiny_hf_model(family, seed)
     return Backbone(ModelConfig.from_hf(model.config), model.state_dict(), torch.float32)
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with no merges (one token per byte) and SmolLM2's special tokens, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL_TOKENS)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_tiny_model(directory, seed: int = 0):
+    """A tiny Llama with the byte tokenizer, saved as a local Hugging Face directory that `--model` accepts."""
+    import json
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**COMMON, "vocab_size": len(tok)}, head_dim=16, rope_theta=10000.0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (directory / "msa-model.json").write_text(json.dumps({"name": "tiny-test"}))
+    return directory

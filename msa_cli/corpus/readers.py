@@ -1,13 +1,17 @@
 """Readers: turn a file into a `Text` (its text plus the map from character offsets to lines and pages).
 
-One reader per format, chosen by file suffix in `_READERS`. A reader takes the path to show in citations and the
-file's bytes, and returns a `Text`; formats added later (HTML, PDF, .gz) plug in there.
+One reader per format, chosen by file suffix in `_READERS`: plain text, markup and code as they are, HTML as its
+visible text (cited by the HTML file's lines), PDF page by page through pypdf (cited by page), and `.gz` of any of
+these. A reader takes the path to show in citations and the file's bytes, and returns a `Text`.
 """
 
 import bisect
 import codecs
-import os
-from collections.abc import Callable, Iterator
+import gzip
+import io
+import logging
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +24,19 @@ class UnreadableFile(MsaError):
     # When this reaches the CLI, the file was named on its own, so nothing was ingested.
     code = NOTHING_INGESTED
 
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str | Path, kind: str, detail: str = ""):
+        super().__init__(f"{path}: {detail or kind}")
         self.path = str(path)
-        self.reason = reason
+        self.detail = detail or kind
+        self.kind = kind   # a short category, counted in ingest's summary: "binary", "damaged PDF"...
+
+    @property
+    def warn(self) -> bool:
+        """Whether ingest warns about it: not for what every tree holds (files of other types, empty files)."""
+        return self.kind not in QUIET_KINDS
+
+
+QUIET_KINDS = frozenset({"unsupported type", "empty"})
 
 
 @dataclass(frozen=True)
@@ -83,9 +96,9 @@ def _decode(path: str, data: bytes) -> str:
         try:
             return data.decode("utf-16")
         except UnicodeDecodeError:
-            raise UnreadableFile(path, "invalid UTF-16") from None
+            raise UnreadableFile(path, "not text", "invalid UTF-16") from None
     if not looks_like_text(data[:SNIFF_BYTES]):
-        raise UnreadableFile(path, "binary content")
+        raise UnreadableFile(path, "binary", "binary content")
     try:
         return data.decode("utf-8-sig")  # plain UTF-8, with or without a byte-order mark
     except UnicodeDecodeError:
@@ -93,23 +106,113 @@ def _decode(path: str, data: bytes) -> str:
     # Latin-1 decodes any bytes at all, so use it only for what still looks like text as a whole: this keeps a
     # file with a text header and a binary body out.
     if not looks_like_text(data):
-        raise UnreadableFile(path, "not valid UTF-8 and not plain text")
+        raise UnreadableFile(path, "not text", "not valid UTF-8 and not plain text")
     return data.decode("latin-1")
 
 
+
 # --- readers, one per format ----------------------------------------------------------------------------------
+
+MAX_FILE_BYTES = 256 << 20    # larger files (or .gz contents) are refused: nobody's notes are this big
+MAX_LINE_CHARS = 100_000      # a longer line is minified code or a data dump, not something to answer from
+
+
+def _checked(text: Text) -> Text:
+    if not text.text.strip():
+        raise UnreadableFile(text.path, "empty")
+    if text.pages is None:
+        bounds = list(text.line_starts) + [len(text.text) + 1]
+        longest = max(b - a - 1 for a, b in zip(bounds, bounds[1:]))
+        if longest > MAX_LINE_CHARS:
+            raise UnreadableFile(text.path, "long lines", f"has a line of {longest:,} characters (minified or generated?)")
+    return text
+
 
 def _read_plain(path: str, data: bytes) -> Text:
     """Plain text, markup and source code: the text as it is."""
     return make_text(path, _decode(path, data))
 
 
+def _read_html(path: str, data: bytes) -> Text:
+    """The visible text; each piece is cited by the line of the HTML file it came from."""
+    from .html import visible_text
+
+    text, marks = visible_text(_decode(path, data))
+    # line_starts[n - 1] = offset of the first text that comes from source line n or later, so that
+    # line_at(offset) gives the source line of the text at offset.
+    last_line = marks[-1][1] if marks else 1
+    starts, i = [], 0
+    for line in range(1, last_line + 1):
+        while i < len(marks) and marks[i][1] < line:
+            i += 1
+        starts.append(marks[i][0] if i < len(marks) else len(text))
+    starts[0] = 0
+    return Text(path=path, text=text, line_starts=tuple(starts))
+
+
+# pypdf reports recoverable damage through logging; a skipped or repaired file gets our one line instead.
+logging.getLogger("pypdf").setLevel(logging.CRITICAL)
+
+
+def _read_pdf(path: str, data: bytes) -> Text:
+    """Each page's text, pages separated by a blank line so that no paragraph spans two pages."""
+    import pypdf
+    from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
+
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            # Many PDFs are encrypted only against editing, with an empty password for reading.
+            if not reader.decrypt(""):
+                raise UnreadableFile(path, "encrypted PDF", "encrypted PDF (needs a password)")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except UnreadableFile:
+        raise
+    except (FileNotDecryptedError, DependencyError):
+        raise UnreadableFile(path, "encrypted PDF", "encrypted PDF that cannot be opened") from None
+    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError,
+            AssertionError, OverflowError, zlib.error) as exc:
+        # pypdf raises many kinds for damaged files; the user needs one line.
+        raise UnreadableFile(path, "damaged PDF", f"damaged PDF ({type(exc).__name__})") from None
+    if not any(p.strip() for p in pages):
+        raise UnreadableFile(path, "PDF without text", "PDF without text (scanned images?)")
+    text, starts, offset = [], [], 0
+    for page in pages:
+        page = page.replace("\r\n", "\n").replace("\r", "\n").strip("\n") + "\n\n"
+        starts.append(offset)
+        text.append(page)
+        offset += len(page)
+    plain = make_text(path, "".join(text))
+    return Text(path=path, text=plain.text, line_starts=plain.line_starts, pages=tuple(starts))
+
+
+def _read_gzip(path: str, data: bytes) -> Text:
+    """A gzipped file of any other format, read by the reader for its inner name (notes.md.gz -> .md)."""
+    inner = _reader_for(Path(path).with_suffix(""))
+    if inner is None or inner is _read_gzip:
+        raise UnreadableFile(path, "unsupported type", "unsupported file type inside .gz")
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            content = f.read(MAX_FILE_BYTES + 1)
+    except (OSError, EOFError, zlib.error):
+        raise UnreadableFile(path, "damaged .gz") from None
+    if len(content) > MAX_FILE_BYTES:
+        raise UnreadableFile(path, "too large", f"larger than {MAX_FILE_BYTES >> 20} MB uncompressed")
+    return inner(path, content)
+
+
 _PLAIN_SUFFIXES = (
-    ".txt .md .markdown .rst "
-    ".py .js .ts .c .h .cpp .hpp .java .go .rs .rb .sh "
-    ".toml .yaml .yml .json .cfg .ini"
+    ".txt .text .md .markdown .rst .adoc .asciidoc .org .tex .bib .csv .tsv .log "
+    ".py .pyi .ipynb .js .jsx .mjs .ts .tsx .c .h .cc .cpp .cxx .hh .hpp .cs .java .kt .kts .scala .go .rs .rb "
+    ".php .pl .pm .lua .r .jl .swift .m .mm .hs .ml .ex .exs .erl .clj .el .vim .sql .sh .bash .zsh .fish .ps1 "
+    ".css .scss .xml .toml .yaml .yml .json .cfg .ini .conf .properties .proto .graphql .dockerfile .cmake .mk"
 ).split()
-_READERS: dict[str, Callable[[str, bytes], Text]] = {suffix: _read_plain for suffix in _PLAIN_SUFFIXES}
+_READERS: dict[str, Callable[[str, bytes], Text]] = {
+    **{suffix: _read_plain for suffix in _PLAIN_SUFFIXES},
+    ".html": _read_html, ".htm": _read_html, ".xhtml": _read_html,
+    ".pdf": _read_pdf,
+    ".gz": _read_gzip,
+}
 SUPPORTED_SUFFIXES = frozenset(_READERS)
 
 
@@ -118,6 +221,8 @@ def _reader_for(path: Path) -> Callable[[str, bytes], Text] | None:
     if suffix == "":
         # README, LICENSE, Makefile...: read as plain text, and the sniff rejects binaries.
         return _read_plain
+    if suffix == ".gz" and _reader_for(path.with_suffix("")) in (None, _read_gzip):
+        return None   # an archive of something we cannot read (.tar.gz, .bin.gz)
     return _READERS.get(suffix)
 
 
@@ -126,50 +231,26 @@ def is_supported(path: Path) -> bool:
     return _reader_for(path) is not None
 
 
-def read_file(path: Path) -> Text:
-    """Read one file into a `Text`; raises UnreadableFile with the reason when that is not possible."""
-    shown = str(path)
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes; UnreadableFile if it cannot be read or is too large."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UnreadableFile(path, "unreadable", f"cannot be read ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise UnreadableFile(path, "too large", f"larger than {MAX_FILE_BYTES >> 20} MB")
+    return data
+
+
+def parse(path: Path, data: bytes) -> Text:
+    """Turn a file's bytes into a `Text` with the reader for its name; UnreadableFile says why it cannot."""
     reader = _reader_for(path)
     if reader is None:
-        raise UnreadableFile(shown, f"unsupported file type '{path.suffix}'")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UnreadableFile(shown, exc.strerror or str(exc)) from None
-    return reader(shown, data)
+        raise UnreadableFile(path, "unsupported type", f"unsupported file type '{path.suffix}'")
+    return _checked(reader(str(path), data))
 
 
-# --- walking a folder -----------------------------------------------------------------------------------------
-
-_SKIPPED_DIRS = frozenset({"node_modules", "__pycache__", "venv"})
-
-
-def _skip_dir(parent: str, name: str) -> bool:
-    # Hidden names cover .git, .hg, .svn and .venv; pyvenv.cfg marks a virtualenv of any name.
-    return (
-        name.startswith(".")
-        or name in _SKIPPED_DIRS
-        or os.path.isfile(os.path.join(parent, name, "pyvenv.cfg"))
-    )
-
-
-def iter_files(root: Path) -> Iterator[Path]:
-    """The files under `root` that a reader supports, in a fixed order (`root` itself if it is a file).
-
-    Skips hidden files and folders, version-control folders, virtualenvs, node_modules and __pycache__.
-    Symlinked folders are not entered, so link loops cannot trap the walk; symlinked files are read.
-    Paths keep the form of `root` (relative stays relative) because citations show them.
-    """
-    if root.is_file():
-        yield root
-        return
-    if not root.is_dir():
-        raise UnreadableFile(root, "no such file or folder")
-    # os.walk skips folders it cannot list (permissions) rather than failing the whole walk.
-    for parent, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(name for name in dirnames if not _skip_dir(parent, name))
-        for name in sorted(filenames):
-            path = Path(parent, name)
-            # isfile drops broken links and anything that is not a regular file (sockets, fifos).
-            if not name.startswith(".") and is_supported(path) and os.path.isfile(path):
-                yield path
+def read_file(path: Path) -> Text:
+    """Read and parse one file."""
+    return parse(path, read_bytes(path))

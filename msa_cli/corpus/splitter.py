@@ -50,6 +50,11 @@ def split(text: Text, count_tokens: Callable[[str], int], max_tokens: int = 320)
         raise ValueError("max_tokens must be at least 1")
     cutter = _Cutter(text.text, count_tokens, max_tokens)
     pieces = cutter.fit(_paragraphs(text), depth=0)
+    # A passage never spans two pages, so that `path:page` cites all of it (readers end every page with a
+    # blank line, so no paragraph spans two pages either).
+    by_page: dict[int | None, list[Span]] = {}
+    for piece in pieces:
+        by_page.setdefault(text.page_at(piece[0]), []).append(piece)
     return [
         Passage(
             path=text.path,
@@ -59,7 +64,8 @@ def split(text: Text, count_tokens: Callable[[str], int], max_tokens: int = 320)
             page=text.page_at(start),
             n_tokens=n,
         )
-        for start, end, n in cutter.pack(pieces)
+        for page_pieces in by_page.values()
+        for start, end, n in cutter.pack(page_pieces)
     ]
 
 

@@ -123,17 +123,10 @@ class _Segment:
         self.key_count = counts.tolist()
         self.key_start = (np.cumsum(counts) - counts).tolist()
         self.doc_ids = torch.arange(first_doc_id, first_doc_id + n_docs, dtype=torch.int64)
-        self._content: dict[str, Tensor] | None = None
-
-    def content(self) -> dict[str, Tensor]:
-        # Cold tier: mapped on first use only, since most questions touch few segments.
-        if self._content is None:
-            try:
-                self._content = _map_safetensors(self.directory / CONTENT)
-            except FileNotFoundError:
-                raise MsaError(f"bank {self.directory.parent.parent} changed under this reader "
-                               f"(segment {self.name} was removed); open it again") from None
-        return self._content
+        # Mapped now, with the rest of the snapshot: a writer may delete this segment once it has no live
+        # documents, and a reader that opened the bank before that must still read what it saw. Mapping costs
+        # no reading; pages are read only for the documents a question selects.
+        self.content = _map_safetensors(directory / CONTENT)
 
 
 class Bank:
@@ -262,7 +255,7 @@ class Bank:
             doc = self._docs.get(doc_id)
             if doc is None:
                 raise MsaError(f"bank {self.path} has no live document {doc_id}")
-            content = self._segments[doc.segment].content()
+            content = self._segments[doc.segment].content
             rows = slice(doc.chunk_start, doc.chunk_start + doc.chunk_count)
             ks.append(content[f"k.{layer}"][rows])
             vs.append(content[f"v.{layer}"][rows])
@@ -300,12 +293,17 @@ class Bank:
                 self._lock_fd = None
 
     def append(self, docs: list[NewDocument], content: dict[int, tuple[Tensor, Tensor]],
-               chunk_counts: list[int], route_keys: Tensor, key_counts: list[int]) -> list[int]:
-        """Write one segment holding `docs` and commit it. content[l] = (k, v), each [sum(chunk_counts), Hk, d]
-        with rows in document order; route_keys [sum(key_counts), Hr, dr]. Returns the new doc ids."""
+               chunk_counts: list[int], route_keys: Tensor, key_counts: list[int],
+               replacing: Iterable[int] = ()) -> list[int]:
+        """Write one segment holding `docs` and commit it, removing the documents `replacing` in the same commit
+        (so a changed file's old and new documents are never both live). content[l] = (k, v), each
+        [sum(chunk_counts), Hk, d] with rows in document order; route_keys [sum(key_counts), Hr, dr].
+        Returns the new doc ids."""
         self._require_lock()
         if not docs:
+            self.remove(replacing)
             return []
+        replacing = self._live_ids(replacing)
         settings = self.settings
         if not len(docs) == len(chunk_counts) == len(key_counts):
             raise ValueError("docs, chunk_counts and key_counts differ in length")
@@ -347,30 +345,44 @@ class Bank:
         manifest = dict(self._manifest)
         manifest["segments"] = [*manifest["segments"], {"name": name, "first_doc_id": first, "n_docs": len(docs)}]
         manifest["next_doc_id"] = first + len(docs)
+        manifest, dropped = _tombstoned(manifest, replacing)
         self._commit(manifest)
+        self._delete_segments(dropped)
         return doc_ids
 
     def remove(self, doc_ids: Iterable[int]) -> None:
         """Tombstone documents and commit. A segment left without live documents leaves the manifest,
         and its files are deleted after the commit."""
         self._require_lock()
-        doc_ids = set(doc_ids)
+        doc_ids = self._live_ids(doc_ids)
         if not doc_ids:
             return
+        manifest, dropped = _tombstoned(dict(self._manifest), doc_ids)
+        self._commit(manifest)
+        self._delete_segments(dropped)
+
+    @property
+    def info(self) -> dict:
+        """Small facts a writer recorded with set_info (e.g. the last ingest), for `msa status`."""
+        return self._manifest.get("info", {})
+
+    def set_info(self, key: str, value) -> None:
+        """Record a JSON value under `key` in the manifest and commit."""
+        self._require_lock()
+        self._commit(dict(self._manifest, info={**self.info, key: value}))
+
+    def _live_ids(self, doc_ids: Iterable[int]) -> set[int]:
+        doc_ids = set(doc_ids)
         missing = sorted(doc_ids - set(self._docs))
         if missing:
             raise MsaError(f"bank {self.path} has no live document {missing[0]}")
-        tombstones = set(self._manifest["tombstones"]) | doc_ids
-        kept, dropped = [], []
-        for entry in self._manifest["segments"]:
-            ids = range(entry["first_doc_id"], entry["first_doc_id"] + entry["n_docs"])
-            (dropped if all(i in tombstones for i in ids) else kept).append(entry)
-        for entry in dropped:  # the segment is gone, so its tombstones are no longer needed
-            tombstones -= set(range(entry["first_doc_id"], entry["first_doc_id"] + entry["n_docs"]))
-        manifest = dict(self._manifest, segments=kept, tombstones=sorted(tombstones))
-        self._commit(manifest)
-        for entry in dropped:
-            shutil.rmtree(self.path / SEGMENTS / entry["name"])
+        return doc_ids
+
+    def _delete_segments(self, names: list[str]) -> None:
+        # After the commit: readers holding an older snapshot keep their mappings (the files stay readable
+        # until unmapped), and a crash before this line leaves orphans that the next writer deletes.
+        for name in names:
+            shutil.rmtree(self.path / SEGMENTS / name)
 
     def reindex(self, router: dict, compute_keys: Callable[[list[Document]], tuple[Tensor, list[int]]]) -> None:
         """Replace the routing keys of every live segment, leaving content untouched. compute_keys gets one
@@ -412,6 +424,21 @@ class Bank:
 
 
 # ----- manifest and settings -----
+
+def _tombstoned(manifest: dict, doc_ids: set[int]) -> tuple[dict, list[str]]:
+    """`manifest` with `doc_ids` tombstoned, and the names of the segments that no longer hold a live document
+    (they leave the manifest, and so do their tombstones)."""
+    if not doc_ids:
+        return manifest, []
+    tombstones = set(manifest["tombstones"]) | doc_ids
+    kept, dropped = [], []
+    for entry in manifest["segments"]:
+        ids = range(entry["first_doc_id"], entry["first_doc_id"] + entry["n_docs"])
+        (dropped if all(i in tombstones for i in ids) else kept).append(entry)
+    for entry in dropped:
+        tombstones -= set(range(entry["first_doc_id"], entry["first_doc_id"] + entry["n_docs"]))
+    return dict(manifest, segments=kept, tombstones=sorted(tombstones)), [e["name"] for e in dropped]
+
 
 def _read_manifest(path: Path) -> dict:
     try:

@@ -9,6 +9,7 @@ from its own layers. The forward stops at the last layer anything is read from: 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,15 @@ def document_ids(tokenizer, text: str) -> list[int]:
 
 @torch.inference_mode()
 def encode(backbone: Backbone, docs: list[list[int]], content_layers: list[int], router: Router,
-           pooling: int, out_dtype: torch.dtype, pack_tokens: int = 4096) -> Encoded:
-    parts = [encode_pack(backbone, [docs[i] for i in pack], content_layers, router, pooling, out_dtype)
-             for pack in packs([len(d) for d in docs], pack_tokens)]
+           pooling: int, out_dtype: torch.dtype, pack_tokens: int = 4096,
+           on_pack: Callable[[int], None] | None = None) -> Encoded:
+    """Stage 1 for a batch of documents, one pack of consecutive documents per forward; on_pack(tokens) is
+    called after each pack (for progress)."""
+    parts = []
+    for pack in packs([len(d) for d in docs], pack_tokens):
+        parts.append(encode_pack(backbone, [docs[i] for i in pack], content_layers, router, pooling, out_dtype))
+        if on_pack:
+            on_pack(sum(len(docs[i]) for i in pack))
     if not parts:
         raise ValueError("no documents to encode")
     return Encoded(

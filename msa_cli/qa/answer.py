@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..memory.bank import Document
 
 SYSTEM = ("You answer questions using only the numbered sources given. Cite the sources you use as [1], [2]. "
@@ -10,13 +12,20 @@ SYSTEM = ("You answer questions using only the numbered sources given. Cite the 
 
 def citation(doc: Document) -> str:
     """`path:page` for paged formats, `path:start-end` (lines) otherwise."""
-    span = doc.span
+    span, path = doc.span, shown_path(doc.source)
     if span.get("page") is not None:
-        return f"{doc.source}:{span['page']}"
+        return f"{path}:{span['page']}"
     if span.get("line_start") is not None:
         start, end = span["line_start"], span["line_end"]
-        return f"{doc.source}:{start}" if start == end else f"{doc.source}:{start}-{end}"
-    return doc.source
+        return f"{path}:{start}" if start == end else f"{path}:{start}-{end}"
+    return path
+
+
+def shown_path(source: str) -> str:
+    """A document's source (an absolute path) as people read it: relative to the working directory when it lies
+    below it, as ripgrep and compilers show paths; JSON output keeps the absolute path."""
+    cwd = os.getcwd()
+    return os.path.relpath(source, cwd) if source.startswith(cwd.rstrip(os.sep) + os.sep) else source
 
 
 def text_prompt(tokenizer, question: str, docs: list[Document]) -> list[int]:

@@ -1,0 +1,146 @@
+"""`msa ingest / forget / status / search` as a user runs them, on a tiny model: exit codes, clean stdout, one-line
+errors, the write lock, and kill -9 in the middle of an ingest."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from msa_cli.memory.bank import Bank
+from tiny import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    model = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    home = tmp_path_factory.mktemp("home")
+    return {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(home), "MSA_BANK": ""}
+
+
+def msa(env, *args, **kw):
+    return subprocess.run([sys.executable, "-m", "msa_cli.cli", *args], capture_output=True, text=True, env=env,
+                          **kw)
+
+
+def corpus(root: Path, n_files: int, paragraphs: int = 3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (root / f"note-{i:03d}.md").write_text(
+            "\n\n".join(f"Note {i}, part {j}. " + "Words about the subject of this note. " * 10
+                        for j in range(paragraphs)) + "\n")
+    return root
+
+
+def test_ingest_status_search_forget(env, tmp_path):
+    docs = corpus(tmp_path / "docs", 3)
+    (docs / "image.png").write_bytes(b"\x89PNG")
+    bank = str(tmp_path / "bank")
+    r = msa(env, "ingest", str(docs), "--bank", bank)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    assert r.stderr.startswith("ingested 3 files") and "skipped: 1 unsupported type" in r.stderr
+    assert r.stderr.count("\n") == 1
+
+    status = json.loads(msa(env, "status", "--bank", bank, "--json").stdout)
+    assert status["files"] == 3 and status["documents"] >= 3 and status["tokens"] > 0
+    assert status["last_ingest"]["ingested"] == 3 and status["model"]["name"] == "tiny-test"
+    assert sum(status["bytes_on_disk"].values()) > 0
+
+    hits = [json.loads(line) for line in msa(env, "search", "Note 1", "--bank", bank, "--json", "-k", "2").stdout
+            .splitlines()]
+    assert [h["rank"] for h in hits] == [1, 2]
+    assert all(Path(h["path"]).is_absolute() and h["line_start"] >= 1 for h in hits)
+
+    r = msa(env, "forget", str(docs / "note-000.md"), "--bank", bank)
+    assert r.returncode == 0 and "forgot 1 files" in r.stderr
+    assert json.loads(msa(env, "status", "--bank", bank, "--json").stdout)["files"] == 2
+
+
+def test_nothing_readable_is_a_one_line_error_per_file_and_exit_6(env, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.txt").write_bytes(b"\0\1\2binary")
+    (bad / "b.pdf").write_bytes(b"%PDF-1.4 not really")
+    r = msa(env, "ingest", str(bad), "--bank", str(tmp_path / "bank"))
+    assert r.returncode == 6
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["msa", "msa", "ingested 0 files (0 documents, 0 tokens) in "
+                                                      + lines[2].split(" in ")[1].split(":")[0], "msa"][:len(lines)]
+    assert "Traceback" not in r.stderr and lines[-1] == "msa: error: nothing was ingested"
+
+    r = msa(env, "ingest", str(tmp_path / "missing"), "--bank", str(tmp_path / "bank"))
+    assert r.returncode == 2 and r.stderr == f"msa: error: no such file or folder: {tmp_path / 'missing'}\n"
+
+
+def test_a_second_writer_is_refused_clearly(env, tmp_path):
+    docs = corpus(tmp_path / "docs", 1)
+    bank = tmp_path / "bank"
+    assert msa(env, "ingest", str(docs), "--bank", str(bank), "-q").returncode == 0
+    with Bank.open(bank).lock():   # another ingest is writing
+        r = msa(env, "ingest", str(docs), "--bank", str(bank))
+    assert r.returncode == 8
+    assert r.stderr.count("\n") == 1 and "being changed by another msa process" in r.stderr
+
+
+def test_kill_9_mid_ingest_then_rerun_resumes(env, tmp_path):
+    docs = corpus(tmp_path / "docs", 120, paragraphs=6)
+    bank = tmp_path / "bank"
+    proc = subprocess.Popen([sys.executable, "-m", "msa_cli.cli", "ingest", str(docs), "--bank", str(bank), "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        manifest = bank / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text())["segments"]:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the ingest finished before it could be killed: give it more files"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    committed = {d.source for d in Bank.open(bank).documents()}
+    assert 0 < len(committed) < 120
+    r = msa(env, "ingest", str(docs), "--bank", str(bank))
+    assert r.returncode == 0, r.stderr
+    assert f"ingested {120 - len(committed)} files" in r.stderr and f"unchanged {len(committed)}" in r.stderr
+    held: dict[str, str] = {}
+    for d in Bank.open(bank).documents():
+        held[d.source] = held.get(d.source, "") + d.text
+    assert len(held) == 120
+    for source, text in held.items():   # each file exactly once: no document lost or doubled
+        assert "".join(text.split()) == "".join(Path(source).read_text().split())
+
+
+def test_progress_bar_only_on_a_terminal_and_named_files_say_why(env, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    docs = corpus(tmp_path / "docs", 4)
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))   # a 120-column terminal
+    proc = subprocess.Popen([sys.executable, "-m", "msa_cli.cli", "ingest", str(docs), str(tmp_path / "photo.png"),
+                             "--bank", str(tmp_path / "bank")],
+                            env=env, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:   # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait() == 0 and proc.stdout.read() == b""
+    text = seen.decode()
+    assert "encoding" in text and "tok/s" in text and "4/4 files" in text
+    assert f"msa: warning: skipped {tmp_path / 'photo.png'}: unsupported file type '.png'" in text
+    assert "ingested 4 files" in text
