@@ -154,6 +154,48 @@ def ask(question: str = typer.Argument(..., help="The question."),
         print(f"[{n}] {citation(h.document)}  ({h.score:.3f})")
 
 
+@app.command(name="eval")
+def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and questions.jsonl "
+                                                      "(shared/eval/tools/convert_eval.py's layout)."),
+             no_generate: bool = typer.Option(False, "--no-generate",
+                                              help="Retrieval only: gold-document recall and MRR per system."),
+             baseline: list[str] = typer.Option([], "--baseline", help="Also rank with 'bm25' or 'dense' "
+                                                                      "(repeatable)."),
+             limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use this many questions."),
+             skip: int = typer.Option(0, "--skip", min=0, help="Skip this many questions first (e.g. --skip "
+                                                                 "1500 for NQ's dev split)."),
+             bank: Optional[Path] = typer.Option(None, "--bank", help="Bank for the set's corpus [default: one "
+                                                                      "per set under ~/.msa/eval]."),
+             model: Optional[str] = ModelOption,
+             as_json: bool = typer.Option(False, "--json", help="One JSON object keyed by system.")):
+    """Measure routing on a QA set: recall@1/5/10, all-gold recall and MRR of the gold documents, per system."""
+    from .engine import Engine
+    from .evaluation import bank_summary, default_eval_bank, evaluate, load_set
+    from .ingest import ingest as run_ingest
+    from .model.loading import load_model
+
+    if not no_generate:
+        raise errors.MsaError("answer evaluation is not built yet: use --no-generate", errors.USAGE)
+    unknown = sorted(set(baseline) - {"bm25", "dense"})
+    if unknown:
+        raise errors.MsaError(f"unknown baseline {unknown[0]!r}: choose bm25 or dense", errors.USAGE)
+    s = load_set(set_dir, limit, skip)
+    engine = Engine.open(load_model(model), bank or default_eval_bank(s), create=True)
+    report = run_ingest(engine, [s.corpus], progress=sys.stderr.isatty())
+    say(report.summary())
+    results = evaluate(engine, s, list(dict.fromkeys(baseline)))
+    if as_json:
+        print(json.dumps({**results, "set": s.name, "bank": bank_summary(engine)}))
+        return
+    print(f"{s.name}: {len(s.questions)} questions, {bank_summary(engine)['documents']} documents")
+    print(f"{'system':<8}" + "".join(f"{m:>11}" for m in ("recall@1", "recall@5", "recall@10", "all-gold@5",
+                                                           "mrr", "ms/q")))
+    for system, r in results.items():
+        print(f"{system:<8}" + "".join(f"{r[m]:>11.3f}" for m in ("recall@1", "recall@5", "recall@10",
+                                                                 "all-gold@5", "mrr"))
+              + f"{r['ms_per_question']:>11.1f}")
+
+
 @app.command()
 def status(bank: Optional[Path] = BankOption, as_json: bool = typer.Option(False, "--json")):
     """What the memory bank holds: files, documents, tokens, size on disk, model, router, last ingest."""

