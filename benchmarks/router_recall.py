@@ -1,104 +1,118 @@
-"""Router recall on NQ-Open dev (questions 1501..2000, each with its one gold passage), in one run.
+"""Router recall on dev sets, every system in the same run: `msa eval --no-generate` as a user runs it.
 
-    python benchmarks/router_recall.py [--pools 200 500]
+    python benchmarks/router_recall.py --eval-dir /tmp/eval --debs python3.11-doc_*.deb [--tokens 1000000]
 
-For a pool of the first N dev gold passages, every one of those N questions is routed over the pool through
-the real pipeline (stage-1 encode, routing_query, the routing scan). Systems: MSA's own spec (upper-half
-layers, all heads, 64-token chunks, no centring), the shipped calibrated native router (fitted on train
-questions only), and BM25 (bm25s, plain lowercase words) when it is installed. Prints JSON lines.
+--eval-dir holds sets converted by shared/eval/tools/convert_eval.py (nq, 2wiki, musique, hotpot). The script
+builds, under --work:
+  - nq-dev: NQ-Open dev questions 1501..2000 over their own gold passages only;
+  - nq-dev-1m: the same questions over a bank grown to --tokens with distractors: the 2wiki corpus, then text
+    files from the Debian documentation packages given (HTML and text, in path order);
+and evaluates nq-dev, nq-dev-1m, musique and hotpot with the native router (the shipped calibrated one) and
+the default router, BM25 and all-MiniLM-L6-v2 ("dense") as baselines. Prints one JSON line per (set, router),
+then a markdown table. Nothing here is fitted: the routers were trained on NQ train and 2wiki ICT pairs only.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import re
-import time
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-import torch
-
-from msa_cli.memory.encoder import document_ids, encode, routing_query
-from msa_cli.memory.router import Router, default_router, msa_default_spec
-from msa_cli.model.loading import load_model
-from msa_kernels.routing import route_scores
-
-NQ = Path(__file__).resolve().parents[2] / "shared/eval/raw/nq-open-oracle.first2000.jsonl.gz"
-DEV_START = 1500
+DEV = (1500, 2000)   # NQ dev: questions 1501..2000 (0-based lines 1500..1999)
+DOC_SUFFIXES = {".html", ".htm", ".txt", ".rst"}
 
 
-def dev(n: int) -> tuple[list[str], list[str]]:
-    questions, passages = [], []
-    with gzip.open(NQ, "rt") as f:
-        for i, line in enumerate(f):
-            if i < DEV_START:
-                continue
-            ex = json.loads(line)
-            gold = next(c for c in ex["ctxs"] if c.get("isgold"))
-            questions.append(ex["question"])
-            passages.append(gold["title"] + "\n\n" + gold["text"])
-            if len(questions) == n:
-                break
-    return questions, passages
-
-
-def metrics(ranks: list[int]) -> dict:
-    """ranks: 0-based rank of each question's gold passage."""
-    n = len(ranks)
-    out = {f"recall@{k}": round(sum(r < k for r in ranks) / n, 4) for k in (1, 5, 10)}
-    out["mrr"] = round(sum(1 / (r + 1) for r in ranks) / n, 4)
+def nq_dev(nq: Path, out: Path) -> Path:
+    lines = (nq / "questions.jsonl").read_text().splitlines()[DEV[0]:DEV[1]]
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    (out / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    for q in map(json.loads, lines):
+        for gold in q["gold_docs"]:
+            link = out / "corpus" / f"{gold}.txt"
+            if not link.exists():
+                link.symlink_to(nq / "corpus" / f"{gold}.txt")
     return out
 
 
-def msa_ranks(model, router: Router, questions, passages) -> tuple[list[int], float]:
-    docs = [document_ids(model.tokenizer, p) for p in passages]
-    enc = encode(model.backbone, docs, [], router, 64, torch.bfloat16)
-    key_doc = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(enc.key_counts)).to(torch.int32)
-    ranks, seconds = [], 0.0
-    for i, q in enumerate(questions):
-        start = time.perf_counter()
-        scores = route_scores(routing_query(model.backbone, model.tokenizer, router, q), enc.route_keys, key_doc,
-                              len(docs))
-        seconds += time.perf_counter() - start
-        ranks.append(int((scores > scores[i]).sum()))
-    return ranks, seconds / len(questions)
+def grown(dev: Path, twowiki: Path, debs: list[str], tokens: int, out: Path) -> Path:
+    """dev's questions over its corpus plus distractors, up to `tokens` tokens (counted with the default model's
+    tokenizer, as the bank counts them)."""
+    from msa_cli.model.loading import load_model
+
+    tokenizer = load_model().tokenizer
+    corpus = out / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    (out / "questions.jsonl").write_text((dev / "questions.jsonl").read_text())
+    total = 0
+
+    def add(path: Path, name: str) -> None:
+        nonlocal total
+        link = corpus / name
+        if not link.exists():
+            link.symlink_to(path.resolve())
+        total += len(tokenizer(path.read_text(errors="replace"), add_special_tokens=False).input_ids)
+
+    for f in sorted((dev / "corpus").iterdir()):
+        add(f, f.name)
+    distractors = sorted((twowiki / "corpus").iterdir())
+    unpacked = Path(tempfile.mkdtemp(prefix="debs-"))
+    for deb in debs:
+        subprocess.run(["dpkg-deb", "-x", deb, str(unpacked)], check=True)
+    distractors += sorted(p for p in unpacked.rglob("*") if p.is_file() and p.suffix in DOC_SUFFIXES
+                          and not p.is_symlink())
+    for n, f in enumerate(distractors):
+        if total >= tokens:
+            break
+        add(f, f"d{n:06d}-{f.name}")
+    if total < tokens:
+        sys.exit(f"only {total} tokens of distractors: give more --debs")
+    return out
 
 
-def bm25_ranks(questions, passages) -> list[int] | None:
-    try:
-        import bm25s
-    except ImportError:
-        return None
-    words = lambda s: re.findall(r"\w+", s.lower())  # noqa: E731
-    index = bm25s.BM25()
-    index.index([words(p) for p in passages], show_progress=False)
-    ranks = []
-    for i, q in enumerate(questions):
-        scores = torch.tensor(index.get_scores(words(q)))
-        ranks.append(int((scores > scores[i]).sum()))
-    return ranks
+def run_eval(set_dir: Path, router: str, baselines: bool) -> dict:
+    cmd = [sys.executable, "-m", "msa_cli.cli", "eval", str(set_dir), "--no-generate", "--json", "--router", router]
+    if baselines:
+        cmd += ["--baseline", "bm25", "--baseline", "dense"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+    return json.loads(out.stdout)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pools", type=int, nargs="+", default=[200, 500])
+    ap.add_argument("--eval-dir", type=Path, required=True)
+    ap.add_argument("--debs", nargs="*", default=[])
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msa-router-recall")
+    ap.add_argument("--sets", nargs="*", default=["nq-dev", "nq-dev-1m", "musique", "hotpot"])
     args = ap.parse_args()
-    model = load_model()
-    cfg = model.backbone.cfg
-    systems = {"msa-spec": Router(msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)),
-               "native-calibrated": Router(default_router(model))}
-    for pool in args.pools:
-        questions, passages = dev(pool)
-        for name, router in systems.items():
-            ranks, latency = msa_ranks(model, router, questions, passages)
-            print(json.dumps({"pool": pool, "system": name, **metrics(ranks),
-                              "route_ms_per_question": round(latency * 1e3, 1),
-                              "router": router.spec.describe()}), flush=True)
-        ranks = bm25_ranks(questions, passages)
-        if ranks is not None:
-            print(json.dumps({"pool": pool, "system": "bm25", **metrics(ranks)}), flush=True)
-        print(json.dumps({"pool": pool, "system": "chance", "recall@5": round(min(5, pool) / pool, 4)}))
+
+    dev = args.work / "nq-dev"
+    if not dev.exists():
+        nq_dev(args.eval_dir / "nq", dev)
+    sets = {"nq-dev": dev, "musique": args.eval_dir / "musique", "hotpot": args.eval_dir / "hotpot"}
+    if "nq-dev-1m" in args.sets:
+        big = args.work / "nq-dev-1m"
+        sets["nq-dev-1m"] = big if big.exists() else grown(dev, args.eval_dir / "2wiki", args.debs, args.tokens, big)
+    rows = []
+    for name in args.sets:
+        # The native router first (it builds the bank); the default then reindexes it up to its routing layer 8,
+        # cheaper than the native router's layer 18, content untouched.
+        for router in ("native", "default"):
+            result = run_eval(sets[name], router, baselines=router == "default")
+            print(json.dumps({"set": name, "router": router, **result}), flush=True)
+            for system, r in result.items():
+                if isinstance(r, dict) and "recall@5" in r:
+                    label = "native" if router == "native" else system
+                    rows.append((name, label, r, result["bank"]["tokens"]))
+    print("\n| set | tokens | system | recall@1 | recall@5 | recall@10 | all-gold@5 | MRR | ms/question |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, system, r, tokens in rows:
+        print(f"| {name} | {tokens:,} | {system} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | {r['recall@10']:.3f} "
+              f"| {r['all-gold@5']:.3f} | {r['mrr']:.3f} | {r['ms_per_question']:.1f} |")
 
 
 if __name__ == "__main__":

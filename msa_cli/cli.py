@@ -166,12 +166,16 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
                                                                  "1500 for NQ's dev split)."),
              bank: Optional[Path] = typer.Option(None, "--bank", help="Bank for the set's corpus [default: one "
                                                                       "per set under ~/.msa/eval]."),
+             router: Optional[str] = typer.Option(None, "--router", help="Reindex the set's bank for this router "
+                                                                         "first (as `msa reindex --router`)."),
              model: Optional[str] = ModelOption,
              as_json: bool = typer.Option(False, "--json", help="One JSON object keyed by system.")):
     """Measure routing on a QA set: recall@1/5/10, all-gold recall and MRR of the gold documents, per system."""
-    from .engine import Engine
+    from .engine import Engine, reindex
     from .evaluation import bank_summary, default_eval_bank, evaluate, load_set
     from .ingest import ingest as run_ingest
+    from .memory.bank import Bank
+    from .memory.router import named_router
     from .model.loading import load_model
 
     if not no_generate:
@@ -180,7 +184,12 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
     if unknown:
         raise errors.MsaError(f"unknown baseline {unknown[0]!r}: choose bm25 or dense", errors.USAGE)
     s = load_set(set_dir, limit, skip)
-    engine = Engine.open(load_model(model), bank or default_eval_bank(s), create=True)
+    m = load_model(model)
+    path = bank or default_eval_bank(s)
+    spec = named_router(m, router) if router else None
+    if spec and Bank.exists(path):
+        reindex(m, path, spec)
+    engine = Engine.open(m, path, create=True, new_router=spec)
     report = run_ingest(engine, [s.corpus], progress=sys.stderr.isatty())
     say(report.summary())
     results = evaluate(engine, s, list(dict.fromkeys(baseline)))
@@ -188,12 +197,82 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
         print(json.dumps({**results, "set": s.name, "bank": bank_summary(engine)}))
         return
     print(f"{s.name}: {len(s.questions)} questions, {bank_summary(engine)['documents']} documents")
-    print(f"{'system':<8}" + "".join(f"{m:>11}" for m in ("recall@1", "recall@5", "recall@10", "all-gold@5",
+    print(f"{'system':<12}" + "".join(f"{m:>11}" for m in ("recall@1", "recall@5", "recall@10", "all-gold@5",
                                                            "mrr", "ms/q")))
     for system, r in results.items():
-        print(f"{system:<8}" + "".join(f"{r[m]:>11.3f}" for m in ("recall@1", "recall@5", "recall@10",
+        print(f"{system:<12}" + "".join(f"{r[m]:>11.3f}" for m in ("recall@1", "recall@5", "recall@10",
                                                                  "all-gold@5", "mrr"))
               + f"{r['ms_per_question']:>11.1f}")
+
+
+@app.command(name="train-router")
+def train_router(out: Path = typer.Option(..., "--out", help="Router file to write (safetensors); its manifest "
+                                                              "goes beside it as .json."),
+                 qa: list[Path] = typer.Option([], "--qa", help="QA set (convert_eval.py's layout) giving labelled "
+                                                                 "question/gold-document pairs (repeatable)."),
+                 qa_limit: Optional[int] = typer.Option(None, "--qa-limit", min=1,
+                                                        help="Only each set's first N questions (NQ's train split "
+                                                             "is 1500)."),
+                 ict: list[Path] = typer.Option([], "--ict", help="Folder or bank whose passages give inverse-cloze "
+                                                                  "pairs (repeatable)."),
+                 ict_limit: Optional[int] = typer.Option(None, "--ict-limit", min=1,
+                                                         help="At most this many passages per --ict source."),
+                 layers: Optional[str] = typer.Option(None, "--layers",
+                                                      help="Candidate routing layers, e.g. 6,8,10; the best on "
+                                                           "held-out questions is kept [default: at 20%, 27% and "
+                                                           "33% of the model's depth]."),
+                 heads: int = typer.Option(3, "--heads", min=1, help="Router heads (of 64 dimensions)."),
+                 granularity: int = typer.Option(4, "--granularity", min=1, help="Document tokens per key."),
+                 epochs: int = typer.Option(6, "--epochs", min=1),
+                 select_epochs: int = typer.Option(2, "--select-epochs", min=1,
+                                                   help="Epochs per candidate layer when choosing one."),
+                 held_out: float = typer.Option(0.1, "--held-out", min=0.0, max=0.5,
+                                                help="Share of labelled questions kept for validation."),
+                 seed: int = typer.Option(0, "--seed"),
+                 model: Optional[str] = ModelOption):
+    """Train a learned MSA router (router_q_proj / router_k_proj) on the frozen model; `msa reindex --router FILE`
+    puts it to use."""
+    from .model.loading import load_model
+    from .memory.router_training import train_router_file
+
+    try:
+        candidates = sorted({int(x) for x in layers.split(",") if x.strip()}) if layers else []
+    except ValueError:
+        raise errors.MsaError(f"--layers takes layer numbers separated by commas, not {layers!r}",
+                              errors.USAGE) from None
+    if not qa and not ict:
+        raise errors.MsaError("nothing to train on: give --qa SET_DIR and/or --ict PATH", errors.USAGE)
+    m = load_model(model)
+    # Retrieval-capable states sit in the lower middle of the stack (SmolLM2: layers 5-9 of 30; layer 8 won).
+    candidates = candidates or sorted({round(m.backbone.cfg.n_layers * f) for f in (0.2, 0.27, 0.33)})
+    about = train_router_file(m, out, qa, qa_limit, ict, ict_limit, candidates, heads, granularity,
+                              epochs, select_epochs, held_out, seed, command=sys.argv, progress=sys.stderr.isatty(),
+                              log=say)
+    best = max(h.get("recall@5", 0.0) for h in about["history"])
+    say(f"wrote {out} (layer {about['layers'][0]}, held-out recall@5 {best:.3f})")
+
+
+@app.command()
+def reindex(router: str = typer.Option("default", "--router", help="'default', a shipped kind ('learned', "
+                                                                   "'native'), 'msa', or a router file."),
+            bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption):
+    """Recompute only the bank's routing keys for another router; content and text stay as they are."""
+    from tqdm import tqdm
+
+    from .engine import reindex as run_reindex
+    from .memory.bank import Bank
+    from .memory.router import named_router
+    from .model.loading import load_model
+
+    path = bank or settings.default_bank()
+    if not Bank.exists(path):
+        raise errors.BankNotFound(f"no memory bank at {path}: make one with `msa ingest PATH`")
+    m = load_model(model)
+    spec = named_router(m, router)
+    with tqdm(total=Bank.open(path).stats()["tokens"], desc="reindexing", unit=" tok", unit_scale=True,
+              disable=not sys.stderr.isatty(), file=sys.stderr, leave=False) as bar:
+        changed = run_reindex(m, path, spec, on_tokens=bar.update)
+    say(f"{path}: routing keys of router {spec.kind} {spec.id}" + ("" if changed else " (already there)"))
 
 
 @app.command()

@@ -14,9 +14,12 @@ import torch
 
 from . import settings as defaults
 from .corpus.splitter import Passage
+from .errors import BankMismatch
+from .memory import lexical
 from .memory.bank import Bank, Document, NewDocument
 from .memory.encoder import Encoded, document_ids, encode, routing_query, template_kv, TEMPLATE_HEAD
-from .memory.router import Router, RouterSpec, default_router, top_k
+from .memory.router import (Router, RouterSpec, default_router, load_spec, msa_default_spec, router_file_contents,
+                            shipped_routers, top_k)
 from .model.loading import Model
 from .qa.generate import Decoder, KVCache, Memory
 
@@ -34,17 +37,25 @@ class Engine:
         self.model = model
         self.bank = bank
         self.router = router
+        self._lexical: lexical.LexicalIndex | None = None   # built on first use, for this snapshot
 
     @classmethod
-    def open(cls, model: Model, bank_path: Path, create: bool = False) -> "Engine":
-        router = Router(default_router(model))
-        expected = bank_settings(model, router.spec)
-        if create:
-            bank = Bank.open_or_create(bank_path, expected,
-                                       lambda: template_kv(model.backbone, model.tokenizer, BANK_DTYPE))
+    def open(cls, model: Model, bank_path: Path, create: bool = False,
+             new_router: RouterSpec | None = None) -> "Engine":
+        """An existing bank is read with the router it was indexed with; a new one gets `new_router`, by default
+        the default router."""
+        if Bank.exists(bank_path):
+            bank = Bank.open(bank_path)
+            spec = stored_router(bank, model)
+            bank.check_settings(bank_settings(model, spec))
+        elif create:
+            spec = new_router or default_router(model)
+            bank = Bank.open_or_create(bank_path, bank_settings(model, spec),
+                                       lambda: template_kv(model.backbone, model.tokenizer, BANK_DTYPE),
+                                       router_file_contents(spec, {}))
         else:
-            bank = Bank.open(bank_path, expect=expected)
-        return cls(model, bank, router)
+            bank = Bank.open(bank_path)   # says there is no bank there
+        return cls(model, bank, Router(spec))
 
     # --- stage 1 ------------------------------------------------------------------------------------------
 
@@ -66,9 +77,16 @@ class Engine:
 
     # --- stage 2 ------------------------------------------------------------------------------------------
 
-    def route(self, text: str, k: int) -> list[Hit]:
+    def route(self, text: str, k: int, fuse: bool = True) -> list[Hit]:
+        """The k documents for `text`, best first: MSA's router score, fused with BM25 over the same documents
+        when the router is learned (`fuse=False` gives the router alone; see lexical.fused)."""
         q = routing_query(self.model.backbone, self.model.tokenizer, self.router, text)
         doc_ids, scores = self.router.scores(q, self.bank.routing_segments())
+        if fuse and self.router.spec.kind == "learned" and defaults.FUSION_WEIGHT > 0 and doc_ids.numel():
+            if self._lexical is None:
+                self._lexical = lexical.for_bank(self.bank)
+            bm25 = self._lexical.scores(text)[torch.searchsorted(self._lexical.doc_ids, doc_ids)]
+            scores = lexical.fused(scores, bm25, defaults.FUSION_WEIGHT)
         by_id = {d.doc_id: d for d in self.bank.documents()}
         return [Hit(by_id[i], s) for i, s in top_k(doc_ids, scores, k)]
 
@@ -109,6 +127,48 @@ def bank_settings(model: Model, router: RouterSpec) -> dict:
         "template_head": TEMPLATE_HEAD,
         "router": router.describe(),
     }
+
+
+def reindex(model: Model, bank_path: Path, spec: RouterSpec, on_tokens=None) -> bool:
+    """Recompute a bank's routing keys with another router (stage 1 up to its last routing layer only); content,
+    documents and text stay as they are. False when the bank already holds this router's keys."""
+    bank = Bank.open(bank_path)
+    settings = bank_settings(model, spec)
+    with bank.lock():
+        bank.check_settings({**settings, "router": bank.settings["router"]})   # the same model and layout
+        if bank.settings["router"]["id"] == spec.id:
+            return False
+        router = Router(spec)
+
+        def compute_keys(docs: list[Document]):
+            if not docs:   # a segment whose documents were all removed keeps an empty key file
+                d = spec.proj[spec.layers[0]][1].shape[1] if spec.proj else model.backbone.cfg.head_dim
+                return torch.zeros(0, len(spec.key_heads), d, dtype=BANK_DTYPE), []
+            token_ids = [document_ids(model.tokenizer, d.text) for d in docs]
+            encoded = encode(model.backbone, token_ids, [], router, settings["pooling"], BANK_DTYPE,
+                             defaults.PACK_TOKENS, on_pack=on_tokens)
+            return encoded.route_keys, encoded.key_counts
+
+        bank.reindex(settings["router"], compute_keys, router_file_contents(spec, {}))
+    return True
+
+
+def stored_router(bank: Bank, model: Model) -> RouterSpec:
+    """The router whose keys the bank holds: its stored weights, else (banks made before routers were stored
+    with them) a shipped router or MSA's default with the same id."""
+    wanted = bank.settings["router"]["id"]
+    if bank.router_weights:
+        spec = load_spec(bank.router_weights)
+        if spec.id == wanted:
+            return spec
+    cfg = model.backbone.cfg
+    known = [load_spec(p) for p in shipped_routers(model).values()]
+    for spec in [*known, msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)]:
+        if spec.id == wanted:
+            return spec
+    raise BankMismatch(f"bank {bank.path} was indexed with router {wanted}, whose weights are not here "
+                       f"(another model's bank, or a router file that is gone): rebuild it, or "
+                       f"run `msa reindex --router default --bank {bank.path}`")
 
 
 def stop_ids(tokenizer) -> set[int]:

@@ -68,9 +68,9 @@ def default_eval_bank(s: EvalSet) -> Path:
 Ranker = Callable[[str], list[tuple[int, float]]]   # question -> [(document index, score)], best first
 
 
-def msa_ranker(engine: Engine, docs: list[Document]) -> Ranker:
+def msa_ranker(engine: Engine, docs: list[Document], fuse: bool = True) -> Ranker:
     index = {d.doc_id: i for i, d in enumerate(docs)}
-    return lambda q: [(index[h.document.doc_id], h.score) for h in engine.route(q, DEPTH * 4)]
+    return lambda q: [(index[h.document.doc_id], h.score) for h in engine.route(q, DEPTH * 4, fuse=fuse)]
 
 
 def bm25_ranker(docs: list[Document]) -> Ranker:
@@ -159,10 +159,12 @@ def evaluate(engine: Engine, s: EvalSet, baselines: list[str]) -> dict:
     if missing:
         raise errors.MsaError(f"gold document {missing[0]} is not in the bank built from {s.corpus} "
                               f"({len(missing)} missing)", errors.USAGE)
-    makers = {"msa": lambda: msa_ranker(engine, docs), "bm25": lambda: bm25_ranker(docs),
-              "dense": lambda: dense_ranker(docs)}
+    makers = {"msa": lambda: msa_ranker(engine, docs), "msa-learned": lambda: msa_ranker(engine, docs, fuse=False),
+              "bm25": lambda: bm25_ranker(docs), "dense": lambda: dense_ranker(docs)}
+    # The default router fuses BM25 into a learned router's score: report the learned router alone beside it.
+    fused = engine.router.spec.kind == "learned" and settings.FUSION_WEIGHT > 0
     results = {}
-    for system in ["msa", *baselines]:
+    for system in ["msa", *(["msa-learned"] if fused else []), *baselines]:
         start = time.perf_counter()
         rank = makers[system]()
         setup = time.perf_counter() - start

@@ -28,6 +28,7 @@ from .corpus.readers import UnreadableFile, parse, read_bytes
 from .corpus.splitter import Passage, split
 from .corpus.walk import walk
 from .engine import Engine, content_hash
+from .memory import lexical
 from .memory.bank import Bank
 
 # Tokens per commit (one bank segment): bounds the work a crash loses (about a minute of encoding on a laptop
@@ -99,6 +100,8 @@ def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
             "skipped": dict(report.skipped), "documents": report.documents, "tokens": report.tokens,
             "seconds": round(report.seconds, 2), "scan_seconds": round(report.scan_seconds, 2),
             "encode_seconds": round(report.encode_seconds, 2), "write_seconds": round(report.write_seconds, 2)})
+        if engine.router.spec.kind == "learned":   # its routing fuses BM25: index the new documents now
+            lexical.save_for_bank(bank)
     return report
 
 
@@ -109,6 +112,8 @@ def forget(bank: Bank, paths: list[Path]) -> tuple[int, int]:
     with bank.lock():
         docs = [d for d in bank.documents() if any(_within(d.source, t) for t in targets)]
         bank.remove(d.doc_id for d in docs)
+        if (bank.path / lexical.DIRECTORY).is_dir():
+            lexical.save_for_bank(bank)
     return len({d.source for d in docs}), len(docs)
 
 

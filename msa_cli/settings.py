@@ -11,6 +11,7 @@ DEFAULT_MODEL = "default"      # the embedded SmolLM2-135M-Instruct GGUF from th
 POOLING = 64                   # tokens per pooled content chunk (MSA's P)
 TOP_K = 5                      # documents read per question (MSA-4B uses 16; a 135M model reads fewer)
 PASSAGE_TOKENS = 320           # memory-document size, like the paper's passages
+FUSION_WEIGHT = 0.5            # learned router vs. BM25 in the default routing score (lexical.fused); 0 = router only
 PACK_TOKENS = 2048             # tokens per stage-1 forward when packing documents (measured: 2048 >= 4096 > 1024)
 
 

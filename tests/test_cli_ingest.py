@@ -144,3 +144,29 @@ def test_progress_bar_only_on_a_terminal_and_named_files_say_why(env, tmp_path):
     assert "encoding" in text and "tok/s" in text and "4/4 files" in text
     assert f"msa: warning: skipped {tmp_path / 'photo.png'}: unsupported file type '.png'" in text
     assert "ingested 4 files" in text
+
+
+def test_train_router_and_reindex_from_the_command_line(env, tmp_path):
+    docs = corpus(tmp_path / "docs", 4)
+    bank = str(tmp_path / "bank")
+    assert msa(env, "ingest", str(docs), "--bank", bank).returncode == 0
+    out = tmp_path / "router.safetensors"
+    r = msa(env, "train-router", "--ict", str(docs), "--layers", "1", "--epochs", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and f"wrote {out} (layer 1" in r.stderr and out.with_suffix(".json").is_file()
+
+    r = msa(env, "reindex", "--router", str(out), "--bank", bank)
+    assert r.returncode == 0 and "routing keys of router learned" in r.stderr, r.stderr
+    assert json.loads(msa(env, "status", "--bank", bank, "--json").stdout)["router"]["kind"] == "learned"
+    assert msa(env, "search", "subject of this note", "--bank", bank).returncode == 0
+
+    for args, code, message in [
+            (("reindex", "--bank", str(tmp_path / "none")), 3, "no memory bank at"),
+            (("reindex", "--router", "nope", "--bank", bank), 2, "no router 'nope'"),
+            (("train-router", "--out", str(out)), 2, "nothing to train on"),
+            (("train-router", "--qa", str(tmp_path / "none"), "--out", str(out)), 2, "does not exist"),
+            (("train-router", "--ict", str(docs), "--layers", "9", "--out", str(out)), 2, "layer 9 is not in"),
+            (("train-router", "--ict", str(docs), "--layers", "a,b", "--out", str(out)), 2, "--layers takes")]:
+        r = msa(env, *args)
+        assert (r.returncode, r.stdout) == (code, ""), (args, r.stderr)
+        assert r.stderr.startswith("msa: error: ") and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -58,6 +58,10 @@ _ROUTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # What a directory may hold when create() finds no manifest there: leftovers of a create that crashed.
 _CREATE_LEFTOVERS = {LOCK, TEMPLATE, MANIFEST + ".tmp", SEGMENTS}
 
+# A router's own weights (tensors plus string metadata), kept beside the keys they made: a bank is read with
+# the router it was indexed with, wherever the bank is moved.
+RouterWeights = tuple[dict[str, Tensor], dict[str, str]]
+
 
 @dataclass
 class Document:
@@ -141,7 +145,8 @@ class Bank:
     # ----- opening -----
 
     @classmethod
-    def create(cls, path, settings: dict, template_kv: dict[int, tuple[Tensor, Tensor]]) -> "Bank":
+    def create(cls, path, settings: dict, template_kv: dict[int, tuple[Tensor, Tensor]],
+               router_weights: RouterWeights | None = None) -> "Bank":
         path = Path(path)
         settings = _json_normalised(settings)
         _check_settings(settings)
@@ -150,11 +155,14 @@ class Bank:
         with _flock(path, 0):
             if (path / MANIFEST).exists():
                 raise MsaError(f"a bank already exists at {path}")
-            strangers = sorted(set(os.listdir(path)) - _CREATE_LEFTOVERS)
+            strangers = sorted(f for f in set(os.listdir(path)) - _CREATE_LEFTOVERS if not f.startswith("router."))
             if strangers:
                 raise MsaError(f"{path} is not empty ({strangers[0]}, ...) and holds no bank; "
                                f"choose another bank directory")
             _save_safetensors(template, path / TEMPLATE)
+            if router_weights:
+                weights, meta = router_weights
+                _save_safetensors(weights, path / _router_weights_file(settings["router"]["id"]), meta)
             now = _now()
             manifest = {"format_version": FORMAT_VERSION, "settings": settings, "segments": [],
                         "tombstones": [], "next_doc_id": 0, "created": now, "updated": now}
@@ -171,10 +179,25 @@ class Bank:
         return bank
 
     @classmethod
-    def open_or_create(cls, path, settings: dict, make_template_kv: Callable[[], dict]) -> "Bank":
+    def open_or_create(cls, path, settings: dict, make_template_kv: Callable[[], dict],
+                       router_weights: RouterWeights | None = None) -> "Bank":
         if (Path(path) / MANIFEST).exists():
             return cls.open(path, expect=settings)
-        return cls.create(path, settings, make_template_kv())
+        return cls.create(path, settings, make_template_kv(), router_weights)
+
+    @staticmethod
+    def exists(path) -> bool:
+        return (Path(path) / MANIFEST).is_file()
+
+    def check_settings(self, expected: dict) -> None:
+        """BankMismatch unless the bank was built with exactly these settings."""
+        _check_same_settings(self.path, self.settings, _json_normalised(expected))
+
+    @property
+    def router_weights(self) -> Path | None:
+        """The file of the weights of the router whose keys the bank holds, if they were stored with it."""
+        path = self.path / _router_weights_file(self.settings["router"]["id"])
+        return path if path.is_file() else None
 
     def _load(self) -> None:
         """Read the manifest and the segments it lists: this Bank's snapshot."""
@@ -384,7 +407,8 @@ class Bank:
         for name in names:
             shutil.rmtree(self.path / SEGMENTS / name)
 
-    def reindex(self, router: dict, compute_keys: Callable[[list[Document]], tuple[Tensor, list[int]]]) -> None:
+    def reindex(self, router: dict, compute_keys: Callable[[list[Document]], tuple[Tensor, list[int]]],
+                router_weights: RouterWeights | None = None) -> None:
         """Replace the routing keys of every live segment, leaving content untouched. compute_keys gets one
         segment's live documents (row order) and returns (keys [N, Hr, dr], key count per document)."""
         self._require_lock()
@@ -409,9 +433,14 @@ class Bank:
             directory = self.path / SEGMENTS / name
             _save_safetensors(route, directory / new_route)
             _fsync_dir(directory)
+        if router_weights:
+            weights, meta = router_weights
+            _save_safetensors(weights, self.path / _router_weights_file(router["id"]), meta)
+        old_weights = self.path / _router_weights_file(self.settings["router"]["id"])
         self._commit(dict(self._manifest, settings=settings))
         for name in live:
             (self.path / SEGMENTS / name / old_route).unlink()
+        old_weights.unlink(missing_ok=True)
 
     def _commit(self, manifest: dict) -> None:
         manifest["updated"] = _now()
@@ -473,6 +502,9 @@ def _remove_orphans(path: Path, manifest: dict) -> None:
     listed = {entry["name"] for entry in manifest["segments"]}
     route = _route_file(manifest["settings"]["router"]["id"])
     (path / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+    for f in path.glob("router.*.safetensors"):
+        if f.name != _router_weights_file(manifest["settings"]["router"]["id"]):
+            f.unlink()
     segments = path / SEGMENTS
     if not segments.is_dir():
         return
@@ -538,6 +570,10 @@ def _json_normalised(value: dict) -> dict:
 
 def _route_file(router_id: str) -> str:
     return f"route.{router_id}.safetensors"
+
+
+def _router_weights_file(router_id: str) -> str:
+    return f"router.{router_id}.safetensors"
 
 
 def _now() -> str:
@@ -615,8 +651,8 @@ def _map_safetensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
-    save_file(tensors, path)
+def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    save_file(tensors, path, metadata=metadata)
     _fsync_file(path)
 
 

@@ -209,7 +209,7 @@ def main() -> None:
     spec = RouterSpec(heads=heads, group=group, granularity=best["granularity"],
                       mean_key=torch.stack([mean_k[layer, h] for layer, h in spec.key_heads]),
                       mean_query=torch.stack([mean_q[layer, h] for layer, h in heads]))
-    out = args.out or ROUTER_DIR / f"router-{model.identity['weights_sha256'][:16]}.safetensors"
+    out = args.out or ROUTER_DIR / f"{model.identity['weights_sha256'][:16]}-native.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_spec(spec, out, about={"model": model.identity, "data": "NQ-Open train questions 1-%d" % len(questions),
                                 "selection": f"questions 1-{half}", "validation": f"questions {half + 1}-{len(questions)}",

@@ -88,7 +88,7 @@ def encode_pack(backbone: Backbone, docs: list[list[int]], content_layers: list[
     for i in range(last + 1):
         q, k, v = backbone.qkv(i, h)
         if i in route_layers:
-            k_pre[i] = k
+            k_pre[i] = router.key_input(i, backbone.attn_input(i, h), k)
         k = backbone.rope(k, positions)
         if i in content_set:
             content[i] = (k, v)
@@ -160,7 +160,7 @@ def routing_query(backbone: Backbone, tokenizer, router: Router, text: str) -> T
     for i in range(max(layers) + 1):
         q, k, v = backbone.qkv(i, h)
         if i in layers:
-            q_pre[i] = q[len(head):]
+            q_pre[i] = router.query_input(i, backbone.attn_input(i, h)[len(head):], q[len(head):])
         if i == max(layers):
             break
         h = backbone.finish_layer(i, h, causal_attention(backbone.rope(q, positions), backbone.rope(k, positions), v))

@@ -1,18 +1,20 @@
 """Stage 2: which documents a question reads.
 
-The router is pluggable: which (layer, query head) pairs route (their KV heads give the keys), at what
-granularity (tokens per key: 64 is MSA's chunk, smaller is finer), and whether keys and queries are centred,
-are its settings. They are recorded in the bank (`settings["router"]`) apart from the layers that keep pooled content K/V, so a new
-router only recomputes the hot tier (`msa reindex`), never the content.
+A router turns each routing layer's token states into unit vectors in a few heads: keys for document tokens
+(stage 1, stored in the bank's hot tier) and queries for question tokens. Two kinds:
 
-"native" routing uses the layer's own projections, as digest §8.2 recommends for an untrained model:
-pre-RoPE q and k (after q_norm/k_norm), L2-normalised per head, question tokens only, and the document's
-first token (an attention sink with an outsized key) left out of its chunk mean. Optional centring subtracts
-a mean key and a mean query estimated on reference text: a few shared directions otherwise make a handful
-of "hub" passages win every question.
+- "native" uses the layer's own attention projections, as digest §8.2 recommends for an untrained model:
+  pre-RoPE q and k (after q_norm/k_norm) of chosen (layer, query head) pairs; the KV head of each query head
+  gives its keys. Optional centring subtracts a mean key and a mean query estimated on reference text: a few
+  shared directions otherwise make a handful of "hub" passages win every question.
+- "learned" is MSA's router (digest §1.4, §5): per routing layer, `router_q_proj` / `router_k_proj` map the
+  layer's normalised input [T, D] to Hr heads of size d; trained by `msa train-router` (router_training.py).
 
-Score (MSA Eq. 2): cosine per head, mean over the query heads, max over routing tokens, max over a
-document's keys; then top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU, torch here).
+Either way, keys average `granularity` tokens (a document's first token, an attention sink with an outsized
+state, left out) and the score is MSA's (Eq. 2): cosine per head, mean over heads, max over question tokens,
+max over a document's keys; then top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU, torch
+here). The settings and weights are recorded with the bank, apart from the layers that keep pooled content K/V,
+so a new router only recomputes the hot tier (`msa reindex`), never the content.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from msa_kernels.routing import route_scores
 
-ROUTER_DIR = Path(__file__).resolve().parent.parent / "data"   # calibrated routers shipped in the package
+from ..errors import USAGE, MsaError
+
+ROUTER_DIR = Path(__file__).resolve().parent.parent / "data"   # routers shipped in the package: <weights>-<kind>
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ class RouterSpec:
     heads: tuple[tuple[int, int], ...]     # (layer, query head) pairs that route; their KV heads give the keys
     group: int                             # query heads per KV head (GQA): query head h reads KV head h // group
     granularity: int = 64                  # tokens per routing key
-    kind: str = "native"
+    kind: str = "native"                   # or "learned": heads are then (layer, router head), group 1
+    # Learned projections: layer -> (router_q_proj [Hr, d, D], router_k_proj [Hr, d, D]), fp32.
+    proj: dict[int, tuple[Tensor, Tensor]] | None = field(default=None, compare=False)
     # Centring vectors (fp32): mean_key [Hr, d] per key head (in `key_heads` order), mean_query [len(heads), d].
     mean_key: Tensor | None = field(default=None, compare=False)
     mean_query: Tensor | None = field(default=None, compare=False)
@@ -56,10 +62,19 @@ class RouterSpec:
     def id(self) -> str:
         """Identifies the keys this router produces: the bank refuses to be read with another."""
         h = hashlib.sha256(json.dumps(self.describe(with_id=False), sort_keys=True).encode())
-        for t in (self.mean_key, self.mean_query):
-            if t is not None:
-                h.update(t.float().contiguous().numpy().tobytes())
+        for t in self.tensors().values():
+            h.update(t.numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The router's weights by name (what its file holds), fp32 and contiguous."""
+        out = {}
+        for layer, (q, k) in sorted((self.proj or {}).items()):
+            out[f"q_proj.{layer}"], out[f"k_proj.{layer}"] = q, k
+        for name, t in (("mean_key", self.mean_key), ("mean_query", self.mean_query)):
+            if t is not None:
+                out[name] = t
+        return {name: t.float().contiguous() for name, t in out.items()}
 
     def describe(self, with_id: bool = True) -> dict:
         d = {"kind": self.kind, "heads": [list(p) for p in self.heads], "group": self.group,
@@ -75,20 +90,55 @@ def msa_default_spec(n_layers: int, n_heads: int, n_kv_heads: int) -> RouterSpec
                       group=n_heads // n_kv_heads)
 
 
+def shipped_routers(model) -> dict[str, Path]:
+    """The routers shipped for this model's weights, by kind ("learned", "native")."""
+    prefix = model.identity["weights_sha256"][:16]
+    return {p.stem.removeprefix(prefix + "-"): p for p in sorted(ROUTER_DIR.glob(f"{prefix}-*.safetensors"))}
+
+
 def default_router(model) -> RouterSpec:
-    """The calibrated native router shipped for this model's weights, else MSA's default."""
-    shipped = ROUTER_DIR / f"router-{model.identity['weights_sha256'][:16]}.safetensors"
-    if shipped.is_file():
-        return load_spec(shipped)
+    """The best router measured for this model (BENCHMARKS.md): the shipped learned one, else the shipped
+    native one, else MSA's default."""
+    shipped = shipped_routers(model)
+    for kind in ("learned", "native"):
+        if kind in shipped:
+            return load_spec(shipped[kind])
     cfg = model.backbone.cfg
     return msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
 
 
+def named_router(model, name: str) -> RouterSpec:
+    """A router by name: 'default', a shipped kind ('learned', 'native'), 'msa' (MSA's own native choice) or a
+    router file (from `msa train-router`)."""
+    cfg = model.backbone.cfg
+    shipped = shipped_routers(model)
+    if name == "default":
+        return default_router(model)
+    if name == "msa":
+        return msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+    if name in shipped:
+        return load_spec(shipped[name])
+    path = Path(name)
+    if not path.is_file():
+        raise MsaError(f"no router {name!r}: give a router file, 'default', 'msa' or one of the shipped kinds "
+                       f"({', '.join(shipped) or 'none for this model'})", USAGE)
+    try:
+        spec = load_spec(path)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise MsaError(f"{path} is not a router file: {e}", USAGE) from None
+    if spec.layers and max(spec.layers) >= cfg.n_layers or any(
+            q.shape[-1] != cfg.hidden for q, _ in (spec.proj or {}).values()):
+        raise MsaError(f"{path} was trained for another model (layers {spec.layers})", USAGE)
+    return spec
+
+
+def router_file_contents(spec: RouterSpec, about: dict) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A router file's tensors and metadata: the spec, and how the router was made (`about`)."""
+    return spec.tensors(), {"spec": json.dumps(spec.describe(with_id=False)), "about": json.dumps(about)}
+
+
 def save_spec(spec: RouterSpec, path: Path, about: dict) -> None:
-    """A router file: centring tensors plus the spec (and how it was made) as safetensors metadata."""
-    tensors = {name: t.float().contiguous() for name, t in
-               (("mean_key", spec.mean_key), ("mean_query", spec.mean_query)) if t is not None}
-    meta = {"spec": json.dumps(spec.describe(with_id=False)), "about": json.dumps(about)}
+    tensors, meta = router_file_contents(spec, about)
     save_file(tensors, path, metadata=meta)
 
 
@@ -96,9 +146,17 @@ def load_spec(path: Path) -> RouterSpec:
     with safe_open(path, framework="pt") as f:
         d = json.loads(f.metadata()["spec"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
+    proj = {int(name.split(".")[1]): (tensors[name], tensors[name.replace("q_proj", "k_proj")])
+            for name in tensors if name.startswith("q_proj.")}
     return RouterSpec(heads=tuple(tuple(p) for p in d["heads"]), group=d["group"], granularity=d["granularity"],
-                      kind=d["kind"],
+                      kind=d["kind"], proj=proj or None,
                       mean_key=tensors.get("mean_key"), mean_query=tensors.get("mean_query"))
+
+
+def read_about(path: Path) -> dict:
+    """How a router file was made (training data, seed, figures), as `save_spec` recorded it."""
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata().get("about", "{}"))
 
 
 class Router:
@@ -107,36 +165,41 @@ class Router:
         # Which stored key head each routing query head reads.
         self.key_of_head = torch.tensor([spec.key_heads.index((layer, h // spec.group)) for layer, h in spec.heads])
 
+    # --- per-token vectors of a routing layer --------------------------------------------------------------
+
+    def key_input(self, layer: int, x: Tensor, k: Tensor) -> Tensor:
+        """What a routing layer contributes to document keys: x [T, D] is the layer's normalised input, k
+        [T, Hk, d] its pre-RoPE keys. Native routers read k; learned ones project x -> [T, Hr, d]."""
+        return k if self.spec.proj is None else self._project(x, self.spec.proj[layer][1])
+
+    def query_input(self, layer: int, x: Tensor, q: Tensor) -> Tensor:
+        """As key_input, for question tokens: q [T, Hq, d] is the layer's pre-RoPE queries."""
+        return q if self.spec.proj is None else self._project(x, self.spec.proj[layer][0])
+
+    @staticmethod
+    def _project(x: Tensor, w: Tensor) -> Tensor:
+        """x [T, D], w [Hr, d, D] -> [T, Hr, d] in fp32."""
+        return F.linear(x.float(), w.flatten(0, 1)).view(x.shape[0], w.shape[0], w.shape[1])
+
     # --- keys (stage 1) -----------------------------------------------------------------------------------
 
     def keys(self, k_pre: dict[int, Tensor], token_doc: Tensor, n_docs: int) -> tuple[Tensor, list[int]]:
         """Routing keys of packed documents.
 
-        k_pre: layer -> [T, Hk, d] pre-RoPE keys of the packed tokens; token_doc [T]: each token's document
+        k_pre: layer -> [T, H, d] its key_input for the packed tokens; token_doc [T]: each token's document
         (0..n_docs-1, tokens of one document contiguous and in order). Returns keys [K, Hr, d] (fp32,
         centred, unit length per head) in document order and the number of keys of each document.
         """
-        g = self.spec.granularity
-        selected = torch.stack([k_pre[layer][:, head] for layer, head in self.spec.key_heads], 1).float()  # [T, Hr, d]
-        rank = rank_in_doc(token_doc)
-        # Token 0 of a document is a sink: leave it out; key j averages tokens 1 + g*j .. g*(j+1).
-        lengths = torch.bincount(token_doc, minlength=n_docs)
-        counts = ((lengths - 1).clamp(min=0) + g - 1) // g            # keys per document
-        first_key = torch.cumsum(counts, 0) - counts
-        keep = rank > 0
-        key_of_token = first_key[token_doc[keep]] + (rank[keep] - 1) // g
-        total = int(counts.sum())
-        sums = torch.zeros(total, *selected.shape[1:]).index_add_(0, key_of_token, selected[keep])
-        n = torch.zeros(total).index_add_(0, key_of_token, torch.ones(key_of_token.shape[0]))
-        keys = sums / n[:, None, None]
+        selected = torch.stack([k_pre[layer][:, head] for layer, head in self.spec.key_heads], 1)  # [T, Hr, d]
+        keys, counts = chunk_means(selected, token_doc, n_docs, self.spec.granularity)
         if self.spec.mean_key is not None:
             keys = keys - self.spec.mean_key
-        return F.normalize(keys, dim=-1), counts.tolist()
+        return F.normalize(keys, dim=-1), counts
 
     # --- queries (stage 2) --------------------------------------------------------------------------------
 
     def query(self, q_pre: dict[int, Tensor]) -> Tensor:
-        """q_pre: layer -> [T, Hq, d] pre-RoPE queries of the routing tokens -> [T, Hr, d], one vector per key
+        """q_pre: layer -> [T, H, d] its query_input for the routing tokens -> [T, Hr, d], one vector per key
         head for the kernels (with G = 1).
 
         The score is the mean over the routing query heads of cos(q_h, k_kv(h)). Because it is linear in the
@@ -167,6 +230,22 @@ def top_k(doc_ids: Tensor, scores: Tensor, k: int) -> list[tuple[int, float]]:
     k = min(k, scores.shape[0])
     best = torch.topk(scores, k)
     return [(int(doc_ids[i]), float(s)) for s, i in zip(best.values, best.indices)]
+
+
+def chunk_means(x: Tensor, token_doc: Tensor, n_docs: int, g: int) -> tuple[Tensor, list[int]]:
+    """Means of packed documents' tokens x [T, ...] over runs of g tokens, in fp32 -> ([K, ...], keys per document).
+    Token 0 of a document is an attention sink with an outsized state: it is left out, so key j averages
+    tokens 1 + g*j .. g*(j+1) (the last one may be shorter)."""
+    rank = rank_in_doc(token_doc)
+    lengths = torch.bincount(token_doc, minlength=n_docs)
+    counts = ((lengths - 1).clamp(min=0) + g - 1) // g
+    first_key = torch.cumsum(counts, 0) - counts
+    keep = rank > 0
+    key_of_token = first_key[token_doc[keep]] + (rank[keep] - 1) // g
+    total = int(counts.sum())
+    sums = torch.zeros(total, *x.shape[1:]).index_add_(0, key_of_token, x[keep].float())
+    n = torch.zeros(total).index_add_(0, key_of_token, torch.ones(key_of_token.shape[0]))
+    return sums / n.view(-1, *([1] * (x.dim() - 1))), counts.tolist()
 
 
 def rank_in_doc(token_doc: Tensor) -> Tensor:

@@ -124,11 +124,14 @@ class Backbone:
         """ids [T] -> hidden [T, D]"""
         return self.embed[ids]
 
+    def attn_input(self, i: int, h: Tensor) -> Tensor:
+        """hidden [T, D] -> what layer i's attention projections read (after its input RMSNorm) [T, D]."""
+        return rms_norm(h, self.layers[i].ln_attn, self.cfg.rms_eps)
+
     def qkv(self, i: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden [T, D] -> q [T, Hq, d], k [T, Hk, d], v [T, Hk, d]: after q_norm/k_norm, before RoPE."""
         cfg, layer = self.cfg, self.layers[i]
-        x = rms_norm(h, layer.ln_attn, cfg.rms_eps)
-        qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
+        qkv = F.linear(self.attn_input(i, h), layer.w_qkv, layer.b_qkv)
         hq, hk, d = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim
         q = qkv[:, :hq].view(-1, cfg.n_heads, d)
         k = qkv[:, hq:hq + hk].view(-1, cfg.n_kv_heads, d)

@@ -1,0 +1,523 @@
+"""`msa train-router`: learn MSA's router projections on the frozen backbone (digest §5).
+
+Data: (a) labelled pairs, a question and the passages of its gold documents, from a QA set in the layout of
+shared/eval/tools/convert_eval.py; (b) inverse-cloze (ICT) pairs from any passages (a folder read as `msa ingest`
+reads it, or a bank's documents): one sentence is the query and the passage without it the positive. All the
+positives form the pool every query is ranked against.
+
+Only the router learns, so the backbone runs once. Each text's normalised input to the routing layer is cached:
+question tokens as they are, documents already averaged over the router's granularity (a key is the projection
+of that mean, since the projection is linear). The cache lives in memory and under $MSA_HOME/cache, so later runs
+with other settings skip the backbone; an epoch then costs seconds.
+
+Loss: decoupled InfoNCE (τ = 0.1; digest §5) over a batch's candidates: every query's positives, hard negatives
+from BM25 and from the router itself (re-mined each epoch with the current weights), and random passages; all
+candidates are shared by the batch's queries. The score is the router's own: cosine per head, mean over heads,
+max over question tokens, max over a document's keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..model.backbone import Backbone
+from .encoder import TEMPLATE_HEAD, document_ids, packs, per_document_attention
+from .router import RouterSpec, chunk_means, rank_in_doc
+
+TAU = 0.1                    # MSA's InfoNCE temperature (fixed in the paper's code)
+CUTOFFS = (1, 5, 10)
+MIN_ICT_WORDS = 5            # an ICT query sentence shorter than this says too little to find its passage
+MAX_ICT_CHARS = 400          # nor should it be most of the passage
+MINE_WITHOUT_LABELS = 512    # ICT queries the router mines hard negatives for, when there are no labelled ones
+
+
+@dataclass
+class Pairs:
+    """Queries, the pool of passages they are ranked against, and which pool passages answer each query."""
+    queries: list[str] = field(default_factory=list)
+    positives: list[list[int]] = field(default_factory=list)   # pool indices per query
+    pool: list[str] = field(default_factory=list)
+    held_out: list[int] = field(default_factory=list)          # query indices never trained on
+    labelled: list[int] = field(default_factory=list)          # query indices from QA sets (not ICT)
+    _index: dict[str, int] = field(default_factory=dict)
+
+    def passage(self, text: str) -> int:
+        if text not in self._index:
+            self._index[text] = len(self.pool)
+            self.pool.append(text)
+        return self._index[text]
+
+    def add(self, query: str, positives: list[str], labelled: bool, held_out: bool = False) -> None:
+        if held_out:
+            self.held_out.append(len(self.queries))
+        if labelled:
+            self.labelled.append(len(self.queries))
+        self.queries.append(query)
+        self.positives.append(sorted({self.passage(p) for p in positives}))
+
+
+def ict_pair(passage: str, rng: random.Random) -> tuple[str, str] | None:
+    """(a sentence of the passage, the passage without it), or None when it has no usable sentence. A first
+    line without a full stop (a title) stays in the passage: it names the subject, as a document's title does."""
+    spans = [m.span() for m in re.finditer(r"[^.!?\n]*[^.!?\s][^.!?\n]*[.!?]+(?=\s|$)", passage)]
+    usable = [(a, b) for a, b in spans if len(passage[a:b].split()) >= MIN_ICT_WORDS and b - a <= MAX_ICT_CHARS]
+    if len(spans) < 2 or not usable:
+        return None
+    a, b = rng.choice(usable)
+    left, right = passage[:a].rstrip(" "), passage[b:].lstrip(" ")
+    gap = " " if left and right and not left.endswith("\n") and not right.startswith("\n") else ""
+    rest = (left + gap + right).strip()
+    return passage[a:b].strip(), rest
+
+
+# --- the backbone, once: cached routing-layer inputs -------------------------------------------------------------
+
+@dataclass
+class States:
+    """One routing layer's inputs for a list of texts: x [N, D] rows, `counts` rows per text (in order)."""
+    x: Tensor
+    counts: Tensor
+
+    def __post_init__(self):
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def rows(self, texts: list[int]) -> Tensor:
+        """The rows of these texts, in this order."""
+        return torch.cat([torch.arange(int(self.starts[t]), int(self.starts[t] + self.counts[t])) for t in texts])
+
+
+@torch.inference_mode()
+def layer_inputs(backbone: Backbone, sequences: list[list[int]], layers: list[int], skip: int,
+                 granularity: int | None, pack_tokens: int = 2048,
+                 on_tokens: Callable[[int], None] | None = None) -> dict[int, States]:
+    """Each sequence runs alone (positions from 0, no attention across sequences), packed as stage 1 packs.
+    Returns, per layer, the attention input of every token after the first `skip` of its sequence; with a
+    granularity, documents' tokens averaged as Router.keys averages them (sink left out)."""
+    parts: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in layers}
+    for pack in packs([len(s) for s in sequences], pack_tokens):
+        lengths = torch.tensor([len(sequences[i]) for i in pack])
+        token_seq = torch.repeat_interleave(torch.arange(len(pack)), lengths)
+        positions = rank_in_doc(token_seq)
+        bounds = torch.cumsum(lengths, 0).tolist()
+        h = backbone.embed_tokens(torch.tensor([t for i in pack for t in sequences[i]]))
+        for i in range(max(layers) + 1):
+            if i in parts:
+                x = backbone.attn_input(i, h)
+                if granularity:
+                    x, counts = chunk_means(x, token_seq, len(pack), granularity)
+                    parts[i].append((x.to(torch.bfloat16), torch.tensor(counts)))
+                else:
+                    keep = positions >= skip
+                    parts[i].append((x[keep].to(torch.bfloat16), torch.bincount(token_seq[keep], minlength=len(pack))))
+            if i == max(layers):
+                break
+            q, k, v = backbone.qkv(i, h)
+            h = backbone.finish_layer(i, h, per_document_attention(
+                backbone.rope(q, positions), backbone.rope(k, positions), v, bounds))
+        if on_tokens:
+            on_tokens(int(lengths.sum()))
+    return {layer: States(torch.cat([x for x, _ in p]), torch.cat([c for _, c in p])) for layer, p in parts.items()}
+
+
+def cached_inputs(backbone: Backbone, tokenizer, model_hash: str, texts: list[str], questions: bool,
+                  layers: list[int], granularity: int, cache_dir: Path | None,
+                  on_tokens: Callable[[int], None] | None = None) -> dict[int, States]:
+    """layer_inputs for questions (template head then text; question tokens kept) or documents (as stage 1 reads
+    them; keys' granularity), loaded from the disk cache when this exact computation was done before."""
+    kind = "questions" if questions else f"documents-g{granularity}"
+    h = hashlib.sha256(json.dumps([model_hash, kind]).encode())
+    for t in texts:
+        h.update(t.encode() + b"\0")
+    paths = {layer: cache_dir / f"{h.hexdigest()[:24]}-{kind}-layer{layer}.safetensors" if cache_dir else None
+             for layer in layers}
+    out = {}
+    for layer, path in paths.items():
+        if path and path.is_file():
+            t = load_file(path)
+            out[layer] = States(t["x"], t["counts"])
+    missing = [layer for layer in layers if layer not in out]
+    if not missing:
+        return out
+    if questions:
+        head = tokenizer(TEMPLATE_HEAD, add_special_tokens=False).input_ids
+        seqs = [head + tokenizer(q, add_special_tokens=False).input_ids for q in texts]
+        computed = layer_inputs(backbone, seqs, missing, skip=len(head), granularity=None, on_tokens=on_tokens)
+    else:
+        seqs = [document_ids(tokenizer, t) for t in texts]
+        computed = layer_inputs(backbone, seqs, missing, skip=0, granularity=granularity, on_tokens=on_tokens)
+    for layer, st in computed.items():
+        if paths[layer]:
+            paths[layer].parent.mkdir(parents=True, exist_ok=True)
+            tmp = paths[layer].with_suffix(".tmp")
+            save_file({"x": st.x.contiguous(), "counts": st.counts.contiguous()}, tmp)
+            tmp.replace(paths[layer])
+    return {**out, **computed}
+
+
+# --- the router being trained --------------------------------------------------------------------------------------
+
+class Projections(torch.nn.Module):
+    """router_q_proj and router_k_proj of one layer, as [Hr, d, D] over standardised inputs."""
+
+    def __init__(self, hidden: int, heads: int, head_dim: int, generator: torch.Generator):
+        super().__init__()
+        bound = hidden ** -0.5   # nn.Linear's init, as the paper's fresh projections
+        self.q = torch.nn.Parameter((torch.rand(heads, head_dim, hidden, generator=generator) * 2 - 1) * bound)
+        self.k = torch.nn.Parameter((torch.rand(heads, head_dim, hidden, generator=generator) * 2 - 1) * bound)
+
+    @torch.no_grad()
+    def start_from_attention(self, backbone: Backbone, layer: int, st: "Standardiser") -> None:
+        """Start from the layer's own attention projections: router head h from KV head h (its k projection,
+        and the mean of its group's q projections), rescaled for standardised inputs. That is the centred
+        native router; from a random start, 1,350 NQ questions teach nothing beyond telling NQ passages
+        from 2wiki ones (held-out recall@5 0.013 vs 0.50 from here, layer 8, 300 steps). Heads the layer
+        lacks, or of another size, keep the random start."""
+        cfg = backbone.cfg
+        if self.q.shape[1] != cfg.head_dim:
+            return
+        w = backbone.layers[layer].w_qkv.float()
+        hq, hk, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        wq = w[:hq * d].view(hk, hq // hk, d, -1).mean(1)
+        wk = w[hq * d:(hq + hk) * d].view(hk, d, -1)
+        n = min(hk, self.q.shape[0])
+        self.q[:n] = wq[:n] * st.scale
+        self.k[:n] = wk[:n] * st.scale
+
+    def queries(self, x: Tensor) -> Tensor:
+        return F.normalize(torch.einsum("tD,hdD->thd", x.float(), self.q), dim=-1)
+
+    def keys(self, x: Tensor) -> Tensor:
+        return F.normalize(torch.einsum("tD,hdD->thd", x.float(), self.k), dim=-1)
+
+
+def scores(q: Tensor, q_counts: Tensor, k: Tensor, k_counts: Tensor) -> Tensor:
+    """MSA's score for every (query, document): q [Tq, H, d] and k [K, H, d] unit vectors, each query's tokens
+    and each document's keys contiguous (q_counts, k_counts rows each) -> [queries, documents]."""
+    sim = q.flatten(1) @ k.flatten(1).T / q.shape[1]                                  # [Tq, K]: mean over heads
+    per_query = torch.segment_reduce(sim, "max", lengths=q_counts, axis=0)             # max over question tokens
+    return torch.segment_reduce(per_query.T.contiguous(), "max", lengths=k_counts, axis=0).T   # max over keys
+
+
+def decoupled_infonce(s: Tensor, positive: Tensor) -> Tensor:
+    """s [B, N] scores, positive [B, N] bool (each row has at least one). Each positive is scored against the
+    row's negatives only: other positives are not in its denominator (digest §5, INFONCE_DECOUPLE)."""
+    logits = s / TAU
+    negatives = torch.logsumexp(logits.masked_fill(positive, float("-inf")), dim=1, keepdim=True)   # [B, 1]
+    per_positive = torch.logaddexp(logits, negatives) - logits                                      # -log p
+    return ((per_positive * positive).sum(1) / positive.sum(1)).mean()
+
+
+@torch.no_grad()
+def rank_pool(proj: Projections, q_states: States, queries: list[int], d_states: States, block: int = 64) -> Tensor:
+    """Scores of the given queries against the whole pool -> [len(queries), pool]; in blocks of queries."""
+    keys = proj.keys(d_states.x)
+    out = []
+    for i in range(0, len(queries), block):
+        chosen = queries[i:i + block]
+        out.append(scores(proj.queries(q_states.x[q_states.rows(chosen)]), q_states.counts[chosen],
+                          keys, d_states.counts))
+    return torch.cat(out)
+
+
+def recall(s: Tensor, positives: list[list[int]]) -> dict[str, float]:
+    """recall@k (share of a query's positives in its top k, averaged) and MRR@100 of a [Q, pool] score matrix."""
+    top = torch.topk(s, min(100, s.shape[1]), dim=1).indices.tolist()
+    out = {f"recall@{k}": sum(len(set(t[:k]) & set(p)) / len(p) for t, p in zip(top, positives)) / len(top)
+           for k in CUTOFFS}
+    out["mrr"] = sum(next((1 / (r + 1) for r, d in enumerate(t) if d in p), 0.0)
+                     for t, p in zip(top, positives)) / len(top)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def bm25_negatives(pairs: Pairs, depth: int) -> list[list[int]]:
+    """Per query, the pool passages BM25 ranks highest that are not its positives."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(pairs.pool, stopwords="en", show_progress=False), show_progress=False)
+    k = min(depth + max(len(p) for p in pairs.positives), len(pairs.pool))
+    found, _ = retriever.retrieve(bm25s.tokenize(pairs.queries, stopwords="en", show_progress=False), k=k,
+                                  show_progress=False)
+    return [[d for d in row.tolist() if d not in set(pos)][:depth] for row, pos in zip(found, pairs.positives)]
+
+
+@dataclass
+class Config:
+    layer: int
+    heads: int = 3
+    head_dim: int = 64
+    granularity: int = 4
+    epochs: int = 6
+    batch: int = 64
+    lr: float = 1e-3
+    hard: int = 2            # hard negatives per query from BM25, and as many from the router
+    hard_depth: int = 10     # drawn from this many of each ranker's best non-positives
+    random: int = 1
+    seed: int = 0
+
+
+def train(pairs: Pairs, q_states: States, d_states: States, proj: Projections, cfg: Config,
+          log: Callable[[str], None] = print) -> list[dict]:
+    """Train one layer's projections in place, leaving the epoch with the best held-out recall@5; returns every
+    epoch's figures."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    optimiser = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, weight_decay=0.01)
+    held = set(pairs.held_out)
+    train_ids = [i for i in range(len(pairs.queries)) if i not in held]
+    steps = cfg.epochs * ((len(train_ids) + cfg.batch - 1) // cfg.batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, cfg.lr, total_steps=steps, pct_start=0.1)
+    bm25 = bm25_negatives(pairs, cfg.hard_depth)
+    # The router mines its own hard negatives each epoch for the labelled queries only (ICT queries, lexical by
+    # construction, get BM25's): scanning the pool for thousands of ICT queries took 150 of an epoch's 180 s.
+    # Without labelled queries, it mines for a sample of ICT ones.
+    labelled = [i for i in pairs.labelled if i not in held] or train_ids[:MINE_WITHOUT_LABELS]
+    history, best, best_state = [], -1.0, None
+    if pairs.held_out:   # where training starts from
+        history.append({"epoch": 0, **held_out_recall(proj, pairs, q_states, d_states)})
+        log("  ".join(f"{k} {v}" for k, v in history[0].items()))
+        best, best_state = history[0]["recall@5"], {k: v.detach().clone() for k, v in proj.state_dict().items()}
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        top = torch.topk(rank_pool(proj, q_states, labelled, d_states),
+                         min(cfg.hard_depth + 8, len(pairs.pool)), dim=1).indices.tolist()
+        mined = {j: [d for d in row if d not in pairs.positives[j]][:cfg.hard_depth] for j, row in zip(labelled, top)}
+        rng.shuffle(train_ids)
+        total = 0.0
+        for b in range(0, len(train_ids), cfg.batch):
+            batch = train_ids[b:b + cfg.batch]
+            cand: dict[int, int] = {}
+            for j in batch:
+                picks = list(pairs.positives[j])
+                for source in (bm25[j], mined.get(j, [])):
+                    picks += rng.sample(source, min(cfg.hard, len(source)))
+                picks += [rng.randrange(len(pairs.pool)) for _ in range(cfg.random)]
+                for d in picks:
+                    cand.setdefault(d, len(cand))
+            docs = list(cand)
+            s = scores(proj.queries(q_states.x[q_states.rows(batch)]), q_states.counts[batch],
+                       proj.keys(d_states.x[d_states.rows(docs)]), d_states.counts[docs])
+            positive = torch.zeros_like(s, dtype=torch.bool)
+            for r, j in enumerate(batch):
+                positive[r, [cand[d] for d in pairs.positives[j]]] = True
+            loss = decoupled_infonce(s, positive)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * len(batch)
+        figures = {"epoch": epoch, "loss": round(total / len(train_ids), 4),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+        if pairs.held_out:
+            figures.update(held_out_recall(proj, pairs, q_states, d_states))
+        history.append(figures)
+        log("  ".join(f"{k} {v}" for k, v in figures.items()))
+        score = figures.get("recall@5", -figures["loss"])
+        if score > best:
+            best, best_state = score, {k: v.detach().clone() for k, v in proj.state_dict().items()}
+    proj.load_state_dict(best_state)
+    return history
+
+
+def held_out_recall(proj: Projections, pairs: Pairs, q_states: States, d_states: States) -> dict[str, float]:
+    s = rank_pool(proj, q_states, pairs.held_out, d_states)
+    return recall(s, [pairs.positives[j] for j in pairs.held_out])
+
+
+@dataclass
+class Standardiser:
+    """Per-dimension standardisation of a layer's inputs before the projections. Hidden states carry a few
+    huge, nearly constant dimensions (at layer 12 of SmolLM2 one dimension's mean is 7.9 with a spread of
+    0.03, and any two passages' states have cosine 0.92), which would drown what the projections must learn.
+    Mean from documents (resp. questions), spread from documents. It folds into the router file exactly:
+    W (x - mu) / sigma = (W / sigma) x - (W / sigma) mu, i.e. scaled projections plus the centring
+    vectors (mean_key, mean_query) the router already applies."""
+    mean_doc: Tensor
+    mean_question: Tensor
+    scale: Tensor
+
+    @classmethod
+    def fit(cls, q_states: "States", d_states: "States") -> "Standardiser":
+        x = d_states.x.float()
+        return cls(x.mean(0), q_states.x.float().mean(0), x.std(0).clamp(min=1e-4))
+
+    def apply(self, s: "States", questions: bool) -> "States":
+        mean = self.mean_question if questions else self.mean_doc
+        return States((s.x.float() - mean) / self.scale, s.counts)
+
+
+def learned_spec(layers: dict[int, tuple[Projections, Standardiser]], granularity: int) -> RouterSpec:
+    """The router file's spec: projections with the standardisation folded in (see Standardiser)."""
+    heads = tuple((layer, h) for layer, (p, _) in sorted(layers.items()) for h in range(p.q.shape[0]))
+    proj, mean_key, mean_query = {}, [], []
+    for layer, (p, st) in sorted(layers.items()):
+        wq, wk = (w.detach().float() / st.scale for w in (p.q, p.k))
+        proj[layer] = (wq.contiguous(), wk.contiguous())
+        mean_key.append(torch.einsum("hdD,D->hd", wk, st.mean_doc))
+        mean_query.append(torch.einsum("hdD,D->hd", wq, st.mean_question))
+    return RouterSpec(heads=heads, group=1, granularity=granularity, kind="learned", proj=proj,
+                      mean_key=torch.cat(mean_key), mean_query=torch.cat(mean_query))
+
+
+# --- the whole job: data, cached states, layer choice, training ----------------------------------------------------
+
+def labelled_pairs(pairs: Pairs, set_dir: Path, limit: int | None, held_out: float,
+                   passages_of: Callable[[Path], list[str]]) -> dict:
+    """Add a QA set's first `limit` questions, each with its gold files' passages; the last `held_out` share of
+    them is kept for validation. Returns the source's description for the router's manifest."""
+    from ..evaluation import load_set
+
+    s = load_set(set_dir, limit)
+    n_held = round(len(s.questions) * held_out)
+    for n, q in enumerate(s.questions):
+        golds = [p for g in q["gold_docs"] for p in passages_of(s.corpus / f"{g}.txt")]
+        if golds:
+            pairs.add(q["question"], golds, labelled=True, held_out=n >= len(s.questions) - n_held)
+    digest = hashlib.sha256((set_dir / "questions.jsonl").read_bytes()).hexdigest()[:16]
+    return {"qa": str(set_dir), "questions": len(s.questions), "held_out": n_held, "questions_sha256": digest}
+
+
+def ict_pairs(pairs: Pairs, name: str, passages: list[str], limit: int | None, rng: random.Random) -> dict:
+    """Add inverse-cloze pairs from passages (at most `limit` of them, drawn at random)."""
+    if limit is not None and len(passages) > limit:
+        passages = rng.sample(passages, limit)
+    made = 0
+    for p in passages:
+        pair = ict_pair(p, rng)
+        if pair:
+            pairs.add(pair[0], [pair[1]], labelled=False)
+            made += 1
+    digest = hashlib.sha256("\0".join(passages).encode()).hexdigest()[:16]
+    return {"ict": name, "passages": len(passages), "pairs": made, "passages_sha256": digest}
+
+
+def choose_and_train(backbone: Backbone, tokenizer, model_hash: str, pairs: Pairs, layers: list[int], cfg: Config,
+                     select_epochs: int, cache_dir: Path | None, log: Callable[[str], None] = print,
+                     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                     ) -> tuple[tuple[Projections, "Standardiser"], int, dict]:
+    """Cache the candidate layers' inputs, train briefly on each to pick the layer with the best held-out recall@5
+    (when there is more than one), then train the chosen one fully. Returns (projections, layer, report)."""
+    def states(texts, questions):
+        total = sum(len(t) for t in texts) // 4
+        tick = progress("questions" if questions else "passages", total) if progress else None
+        return cached_inputs(backbone, tokenizer, model_hash, texts, questions, layers, cfg.granularity,
+                             cache_dir, on_tokens=tick)
+
+    t0 = time.perf_counter()
+    q_raw, d_raw = states(pairs.queries, True), states(pairs.pool, False)
+    report = {"backbone_seconds": round(time.perf_counter() - t0, 1), "selection": {}}
+
+    def run(layer: int, epochs: int) -> tuple[Projections, Standardiser, list[dict]]:
+        st = Standardiser.fit(q_raw[layer], d_raw[layer])
+        proj = Projections(backbone.cfg.hidden, cfg.heads, cfg.head_dim, torch.Generator().manual_seed(cfg.seed))
+        proj.start_from_attention(backbone, layer, st)
+        history = train(pairs, st.apply(q_raw[layer], True), st.apply(d_raw[layer], False), proj,
+                        Config(**{**cfg.__dict__, "layer": layer, "epochs": epochs}), log)
+        return proj, st, history
+
+    best = layers[0]
+    if len(layers) > 1:
+        for layer in layers:
+            log(f"layer {layer}: {select_epochs} epochs")
+            report["selection"][layer] = max(h.get("recall@5", 0.0) for h in run(layer, select_epochs)[2])
+        best = max(layers, key=lambda layer: report["selection"][layer])
+    log(f"layer {best}: {cfg.epochs} epochs")
+    proj, st, report["history"] = run(best, cfg.epochs)
+    return (proj, st), best, report
+
+
+def passages_in(path: Path, tokenizer, passage_tokens: int) -> list[str]:
+    """Passage texts of a bank's documents, or of a folder or file read and split as `msa ingest` would."""
+    from ..corpus.readers import UnreadableFile, read_file
+    from ..corpus.splitter import split
+    from ..corpus.walk import walk
+    from .bank import Bank
+
+    if Bank.exists(path):
+        return [d.text for d in Bank.open(path).documents()]
+    count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
+    out = []
+    for item in sorted(walk(path), key=str):
+        if isinstance(item, Path):
+            try:
+                out += [p.text for p in split(read_file(item), count, passage_tokens)]
+            except UnreadableFile:
+                pass   # ingest warns about these; training just does without them
+    return out
+
+
+def train_router_file(model, out: Path, qa: list[Path], qa_limit: int | None, ict: list[Path],
+                      ict_limit: int | None, layers: list[int], heads: int, granularity: int, epochs: int,
+                      select_epochs: int, held_out: float, seed: int, command: list[str], progress: bool,
+                      log: Callable[[str], None]) -> dict:
+    """`msa train-router`: gather pairs, train, and write the router file plus its manifest (out.json)."""
+    import datetime
+    import sys
+
+    from tqdm import tqdm
+
+    from .. import errors, settings
+    from .router import save_spec
+
+    cfg = model.backbone.cfg
+    bad = [layer for layer in layers if not 0 <= layer < cfg.n_layers]
+    if bad:
+        raise errors.MsaError(f"layer {bad[0]} is not in this model (0..{cfg.n_layers - 1})", errors.USAGE)
+    for path in [*qa, *ict]:
+        if not path.exists():
+            raise errors.MsaError(f"{path} does not exist", errors.USAGE)
+    rng = random.Random(seed)
+    tokenizer = model.tokenizer
+    pairs, sources = Pairs(), []
+    cache: dict[Path, list[str]] = {}
+
+    def passages_of(file: Path) -> list[str]:
+        if file not in cache:
+            cache[file] = passages_in(file, tokenizer, settings.PASSAGE_TOKENS) if file.is_file() else []
+        return cache[file]
+
+    for set_dir in qa:
+        sources.append(labelled_pairs(pairs, set_dir, qa_limit, held_out, passages_of))
+    for path in ict:
+        sources.append(ict_pairs(pairs, str(path), passages_in(path, tokenizer, settings.PASSAGE_TOKENS),
+                                 ict_limit, rng))
+    if not pairs.queries:
+        raise errors.MsaError("no training pairs: the sets hold no questions and the --ict passages no usable "
+                              "sentences", errors.USAGE)
+    if not pairs.held_out:   # no labelled questions: validate on ICT pairs instead
+        pairs.held_out = rng.sample(range(len(pairs.queries)), max(1, round(len(pairs.queries) * held_out)))
+    log(f"{len(pairs.queries)} queries ({len(pairs.labelled)} labelled, {len(pairs.held_out)} held out), "
+        f"{len(pairs.pool)} passages")
+
+    def bar(what: str, total: int):
+        b = tqdm(total=total, desc=f"reading {what}", unit=" tok", unit_scale=True, disable=not progress,
+                 file=sys.stderr, leave=False)
+        return b.update
+
+    base = Config(layer=layers[0], heads=heads, granularity=granularity, epochs=epochs, seed=seed)
+    proj, layer, report = choose_and_train(model.backbone, tokenizer, model.identity["weights_sha256"], pairs,
+                                           layers, base, select_epochs, settings.msa_home() / "cache" / "router-train",
+                                           log, bar)
+    spec = learned_spec({layer: proj}, granularity)
+    about = {"model": model.identity, "layers": [layer], "heads": heads, "head_dim": base.head_dim,
+             "granularity": granularity, "data": sources, "seed": seed, "epochs": epochs, "tau": TAU,
+             "batch": base.batch, "lr": base.lr, "negatives": {"bm25": base.hard, "router": base.hard,
+                                                               "random": base.random, "depth": base.hard_depth},
+             **report, "command": " ".join(["msa", *command[1:]]),
+             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_spec(spec, out, about)
+    out.with_suffix(".json").write_text(json.dumps({"router": spec.describe(), **about}, indent=1) + "\n")
+    return about

@@ -1,0 +1,71 @@
+"""The learned router: its training score and loss, inverse-cloze pairs, and that the router file scores exactly
+what was trained."""
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from msa_kernels.routing import route_scores_torch
+from msa_cli.memory.router import Router, chunk_means, load_spec, save_spec
+from msa_cli.memory.router_training import (Projections, Standardiser, States, decoupled_infonce, ict_pair,
+                                            learned_spec, scores)
+
+
+def test_training_score_is_the_routers_score():
+    """cosine per head, mean over heads, max over question tokens, max over a document's keys."""
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(7, 3, 8), dim=-1)              # two questions: 3 + 4 tokens
+    k = F.normalize(torch.randn(9, 3, 8), dim=-1)              # three documents: 2 + 3 + 4 keys
+    got = scores(q, torch.tensor([3, 4]), k, torch.tensor([2, 3, 4]))
+    key_doc = torch.repeat_interleave(torch.arange(3), torch.tensor([2, 3, 4]))
+    for row, (a, b) in enumerate([(0, 3), (3, 7)]):
+        torch.testing.assert_close(got[row], route_scores_torch(q[a:b], k, key_doc, 3))
+
+
+def test_decoupled_infonce_leaves_other_positives_out_of_each_denominator():
+    s = torch.tensor([[0.9, 0.8, 0.1, 0.3]])
+    positive = torch.tensor([[True, True, False, False]])
+    l = s[0] / 0.1
+    negatives = torch.logsumexp(l[2:], 0)
+    expected = -0.5 * sum(l[p] - torch.logaddexp(l[p], negatives) for p in (0, 1))
+    torch.testing.assert_close(decoupled_infonce(s, positive), expected)
+    # A second positive scoring high does not lower the first positive's probability.
+    alone = decoupled_infonce(s[:, [0, 2, 3]], positive[:, [0, 2, 3]])
+    torch.testing.assert_close(alone, -(l[0] - torch.logaddexp(l[0], negatives)))
+
+
+def test_ict_pair_takes_one_sentence_out_and_keeps_the_title():
+    passage = ("Ada Lovelace\n\nAda Lovelace was an English mathematician and writer. She worked on Charles "
+               "Babbage's proposed Analytical Engine. Her notes include the first published algorithm.")
+    seen = set()
+    for seed in range(20):
+        query, rest = ict_pair(passage, random.Random(seed))
+        assert query.endswith(".") and query not in rest and rest.startswith("Ada Lovelace\n\n")
+        assert sorted((rest + " " + query).split()) == sorted(passage.split())
+        seen.add(query)
+    assert len(seen) == 3
+    assert ict_pair("Title\n\nOnly one sentence here, long enough.", random.Random(0)) is None
+
+
+def test_router_file_scores_what_was_trained(tmp_path):
+    """Standardisation folded into the saved projections and centring vectors gives the training scores."""
+    torch.manual_seed(1)
+    hidden, g = 16, 2
+    doc_tokens = torch.randn(11, hidden) * torch.linspace(0.1, 3, hidden) + 5 * torch.eye(hidden)[3]
+    token_doc = torch.tensor([0] * 6 + [1] * 5)
+    pooled, counts = chunk_means(doc_tokens, token_doc, 2, g)
+    q_tokens = torch.randn(4, hidden) + 2
+    q_raw, d_raw = States(q_tokens, torch.tensor([4])), States(pooled, torch.tensor(counts))
+    st = Standardiser.fit(q_raw, d_raw)
+    proj = Projections(hidden, heads=3, head_dim=8, generator=torch.Generator().manual_seed(0))
+    qs, ds = st.apply(q_raw, True), st.apply(d_raw, False)
+    trained = scores(proj.queries(qs.x), qs.counts, proj.keys(ds.x), ds.counts)[0]
+
+    save_spec(learned_spec({2: (proj, st)}, g), tmp_path / "r.safetensors", about={})
+    router = Router(load_spec(tmp_path / "r.safetensors"))
+    x = {2: doc_tokens}
+    keys, key_counts = router.keys({2: router.key_input(2, x[2], None)}, token_doc, 2)
+    query = router.query({2: router.query_input(2, q_tokens, None)})
+    key_doc = torch.repeat_interleave(torch.arange(2), torch.tensor(key_counts))
+    torch.testing.assert_close(route_scores_torch(query, keys, key_doc, 2), trained, atol=1e-5, rtol=1e-5)
