@@ -257,7 +257,9 @@ class Bank:
             sizes["hot"] += (seg.directory / seg.route_file).stat().st_size
             sizes["cold"] += (seg.directory / CONTENT).stat().st_size
             sizes["text"] += (seg.directory / DOCUMENTS).stat().st_size
-        sizes["other"] = (self.path / MANIFEST).stat().st_size + (self.path / TEMPLATE).stat().st_size
+        # Everything else in the directory: manifest, template K/V, router weights, the BM25 cache.
+        total = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        sizes["other"] = max(0, total - sizes["hot"] - sizes["cold"] - sizes["text"])
         return {"documents": len(docs), "segments": len(self._segments),
                 "tokens": sum(d.n_tokens for d in docs), "chunks": sum(d.chunk_count for d in docs),
                 "keys": sum(d.key_count for d in docs), "bytes_on_disk": sizes}
