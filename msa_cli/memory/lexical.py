@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
