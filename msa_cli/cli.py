@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -93,65 +92,69 @@ def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] =
 
 
 @app.command()
-def ask(question: str = typer.Argument(..., help="The question."),
+def ask(question: str = typer.Argument(..., help="The question, or '-' to read questions from stdin, one per line."),
         bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
-        top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help="Documents to read."),
+        top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help="Documents to read per hop."),
+        hops: int = typer.Option(settings.HOPS, "--hops", min=1, help="Memory Interleave's hop budget."),
         max_tokens: int = typer.Option(200, "--max-tokens", min=1),
+        abstain: bool = typer.Option(True, "--abstain/--no-abstain",
+                                     help="Say so and exit 7 when nothing in memory is relevant (default), or read "
+                                          "the best documents anyway."),
         context: str = typer.Option("text", "--context",
                                     help="'text': read the selected documents' original text (default); "
                                          "'pooled': attend to their pooled K/V only (MSA stage 3; needs a "
                                          "model trained for it)."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
-    """Answer QUESTION from memory, citing the files it came from."""
-    from .qa.answer import citation, memory_prompt, text_prompt
+        as_json: bool = typer.Option(False, "--json", help="One JSON object per question, one per line.")):
+    """Answer QUESTION from memory, citing the files it came from. Exit 7 when nothing in memory is relevant."""
+    from .qa.answer import source_line
+    from .qa.ask import Options, TextStream, ask as answer
 
-    if not question.strip():
-        raise errors.MsaError("the question is empty", errors.USAGE)
     if context not in ("text", "pooled"):
         raise errors.MsaError(f"--context must be 'text' or 'pooled', not {context!r}", errors.USAGE)
+    batch = question == "-"
+    if not batch and not question.strip():
+        raise errors.MsaError("the question is empty", errors.USAGE)
     engine = open_engine(bank, model)
-    tok = engine.model.tokenizer
-    t0 = time.perf_counter()
-    hits = engine.route(question, top_k)
-    t1 = time.perf_counter()
-    stream = not as_json and sys.stdout.isatty()   # a terminal sees the answer as it is written
-    generated: list[int] = []
-    shown = 0
+    opts = Options(top_k=top_k, hops=hops, max_tokens=max_tokens, abstain=abstain, context=context)
+    # Like grep: success when anything was answered, a distinct code when nothing in memory was relevant.
+    answered = abstained = 0
+    for q in (line for line in sys.stdin if line.strip()) if batch else [question]:
+        stream = not as_json and not batch and sys.stdout.isatty()   # a terminal sees the answer as it is written
+        a = answer(engine, q, opts, TextStream(engine.model.tokenizer, write_out) if stream else None)
+        abstained += a.abstained
+        answered += not a.abstained
+        if as_json:
+            print(json.dumps(a.to_json(engine)), flush=True)
+        elif batch:   # one paragraph per answer, a blank line between answers: `awk -v RS=` splits them
+            print(("" if answered + abstained == 1 else "\n") + " ".join(a.text.split()), flush=True)
+        else:
+            print(("\n" if stream else a.text + "\n") if not a.abstained else a.text)
+            for s in a.sources():
+                print(source_line(s))
+        if a.abstained and not as_json:
+            say("msa: no document in memory is relevant to this question (--no-abstain reads the closest anyway)")
+    if abstained and not answered:
+        raise typer.Exit(errors.ABSTAINED)
 
-    def on_token(token: int) -> None:
-        nonlocal shown
-        generated.append(token)
-        if not stream:
-            return
-        text = tok.decode(generated, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
 
-    docs = [h.document for h in hits]
-    if context == "text":
-        out = engine.generate(text_prompt(tok, question, docs), max_tokens, on_token)
-    else:
-        out = engine.generate_over_memory(memory_prompt(tok, question), hits, max_tokens, on_token)
-    answer = tok.decode(out, skip_special_tokens=True).strip()
-    t2 = time.perf_counter()
-    sources = [{"n": n, "path": h.document.source, **h.document.span, "doc_id": h.document.doc_id,
-                "score": round(h.score, 4)} for n, h in enumerate(hits, 1)]
-    if as_json:
-        print(json.dumps({"question": question, "answer": answer, "sources": sources,
-                          "model": engine.model.identity["name"], "router": engine.router.spec.describe(),
-                          "context": context,
-                          "timings": {"route_ms": round((t1 - t0) * 1e3, 1), "generate_ms": round((t2 - t1) * 1e3, 1),
-                                      "total_ms": round((t2 - t0) * 1e3, 1)},
-                          "tokens": len(out)}))
-        return
-    if not stream:
-        print(answer)
-    print("\n" if stream else "")
-    print()
-    for n, h in enumerate(hits, 1):
-        print(f"[{n}] {citation(h.document)}  ({h.score:.3f})")
+def write_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command()
+def chat(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
+         top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help="Documents to read per hop."),
+         hops: int = typer.Option(settings.HOPS, "--hops", min=1, help="Memory Interleave's hop budget."),
+         max_tokens: int = typer.Option(200, "--max-tokens", min=1),
+         abstain: bool = typer.Option(True, "--abstain/--no-abstain",
+                                      help="Say so when nothing in memory is relevant, or read the best anyway.")):
+    """Ask questions one after another (line editing, history, :sources :k N :hops N :trace :quit)."""
+    from .chat import run
+    from .qa.ask import Options
+
+    engine = open_engine(bank, model)
+    run(engine, Options(top_k=top_k, hops=hops, max_tokens=max_tokens, abstain=abstain))
 
 
 @app.command(name="eval")
@@ -306,7 +309,7 @@ def main() -> None:
     """Entry point: one line on stderr and a documented exit code for every failure, never a traceback."""
     raise_open_file_limit()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)   # a command's typer.Exit(code) comes back here
     except errors.MsaError as e:
         say(f"msa: error: {e}")
         sys.exit(e.code)
@@ -325,6 +328,7 @@ def main() -> None:
             raise
         say(f"msa: internal error: {type(e).__name__}: {e} (MSA_DEBUG=1 shows the traceback)")
         sys.exit(errors.INTERNAL)
+    sys.exit(code if isinstance(code, int) else errors.OK)
 
 
 def raise_open_file_limit() -> None:

@@ -19,7 +19,7 @@ from .memory import lexical
 from .memory.bank import Bank, Document, NewDocument
 from .memory.encoder import Encoded, document_ids, encode, routing_query, template_kv, TEMPLATE_HEAD
 from .memory.router import (Router, RouterSpec, default_router, load_spec, msa_default_spec, router_file_contents,
-                            shipped_routers, top_k)
+                            shipped_routers)
 from .model.loading import Model
 from .qa.generate import Decoder, KVCache, Memory
 
@@ -29,7 +29,9 @@ BANK_DTYPE = torch.bfloat16   # what the bank stores, whatever the CPU computes 
 @dataclass
 class Hit:
     document: Document
-    score: float
+    score: float          # the ranking score: the router's, fused with BM25's for learned routers
+    router: float = 0.0   # the router's own score (cosine: MSA's max over question tokens and keys)
+    bm25: float = 0.0     # BM25's score for the routed text, in rare-word matches (lexical.rare_word)
 
 
 class Engine:
@@ -79,16 +81,22 @@ class Engine:
 
     def route(self, text: str, k: int, fuse: bool = True) -> list[Hit]:
         """The k documents for `text`, best first: MSA's router score, fused with BM25 over the same documents
-        when the router is learned (`fuse=False` gives the router alone; see lexical.fused)."""
+        when the router is learned (`fuse=False` gives the router alone; see lexical.fused). Each hit also
+        carries both raw scores, which say how relevant it is whatever the bank's size (qa.interleave)."""
         q = routing_query(self.model.backbone, self.model.tokenizer, self.router, text)
-        doc_ids, scores = self.router.scores(q, self.bank.routing_segments())
-        if fuse and self.router.spec.kind == "learned" and defaults.FUSION_WEIGHT > 0 and doc_ids.numel():
-            if self._lexical is None:
-                self._lexical = lexical.for_bank(self.bank)
-            bm25 = self._lexical.scores(text)[torch.searchsorted(self._lexical.doc_ids, doc_ids)]
-            scores = lexical.fused(scores, bm25, defaults.FUSION_WEIGHT)
+        doc_ids, router = self.router.scores(q, self.bank.routing_segments())
+        if not doc_ids.numel():
+            return []
+        if self._lexical is None:
+            self._lexical = lexical.for_bank(self.bank)
+        bm25 = self._lexical.scores(text)[torch.searchsorted(self._lexical.doc_ids, doc_ids)]
+        scores = router
+        if fuse and self.router.spec.kind == "learned" and defaults.FUSION_WEIGHT > 0:
+            scores = lexical.fused(router, bm25, defaults.FUSION_WEIGHT)
         by_id = {d.doc_id: d for d in self.bank.documents()}
-        return [Hit(by_id[i], s) for i, s in top_k(doc_ids, scores, k)]
+        best = torch.topk(scores, min(k, scores.shape[0])).indices
+        rare = self._lexical.rare_word()
+        return [Hit(by_id[int(doc_ids[i])], float(scores[i]), float(router[i]), float(bm25[i]) / rare) for i in best]
 
     # --- stage 3 ------------------------------------------------------------------------------------------
 

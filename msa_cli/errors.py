@@ -8,6 +8,7 @@ NO_BANK = 3         # no memory bank where one was expected
 BANK_MISMATCH = 4   # the bank was built with another model, router or settings, or is unreadable
 NO_MODEL = 5        # the model cannot be found or loaded
 NOTHING_INGESTED = 6
+ABSTAINED = 7       # nothing in memory is relevant to the question (with `msa ask -`: to any of them)
 BANK_LOCKED = 8     # another process holds the bank's write lock
 INTERRUPTED = 130
 

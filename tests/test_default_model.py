@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,79 @@ def test_the_shipped_router_finds_the_sample_questions_gold_files(bank, model):
         return sum(any(h.document.source.endswith(q["gold_files"][0]) for h in engine.route(q["question"], 5, fuse))
                    for q in questions)
     assert found(fuse=True) >= 15 and found(fuse=False) >= 13
+
+
+def test_every_sample_question_is_answered_from_its_gold_file_through_the_pipe(bank):
+    """`msa ask - --json` as a script runs it: one JSON line per question on stdout and nothing else, each answer's
+    sources include the question's gold file, and every cited span holds the text the model read."""
+    questions = [json.loads(line) for line in (SAMPLES / "questions.jsonl").read_text().splitlines()]
+    r = msa("ask", "-", "--bank", str(bank), "--json", "--max-tokens", "8",
+            input="".join(q["question"] + "\n" for q in questions))
+    assert r.returncode == 0, r.stderr
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["question"] for a in answers] == [q["question"] for q in questions]
+    text = {d.doc_id: d.text for d in Bank.open(bank).documents()}
+    for q, a in zip(questions, answers):
+        assert not a["abstained"] and a["answer"], q["id"]
+        assert any(s["path"].endswith(q["gold_files"][0]) for s in a["sources"]), q["id"]
+        for s in a["sources"]:
+            assert words_of(text[s["doc_id"]]) <= words_of(cited_text(s))
+
+
+def test_a_question_nothing_in_the_samples_answers_is_refused_with_exit_7(bank):
+    r = msa("ask", "Who won the 1966 FIFA World Cup final?", "--bank", str(bank))
+    assert r.returncode == 7 and "Nothing in memory is relevant" in r.stdout
+
+
+def test_chat_through_a_terminal(bank, tmp_path):
+    """The REPL under a pseudo-terminal: commands, an answer with sources, Ctrl-C stopping an answer without
+    ending the session, and Ctrl-D leaving."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:   # the child: msa chat on the terminal
+        os.environ.update({"MSA_BANK": "", "MSA_HOME": os.environ.get("MSA_HOME", str(tmp_path))})
+        os.execv(sys.executable, [sys.executable, "-m", "msa_cli.cli", "chat", "--bank", str(bank),
+                                  "--max-tokens", "400"])
+    seen = []
+
+    def read_until(marker: str, timeout: float = 120) -> str:
+        end = time.monotonic() + timeout
+        while marker not in "".join(seen):
+            if time.monotonic() > end or not select.select([fd], [], [], end - time.monotonic())[0]:
+                raise AssertionError(f"no {marker!r} in {''.join(seen)[-500:]!r}")
+            try:
+                seen.append(os.read(fd, 4096).decode(errors="replace"))
+            except OSError:   # the child closed the terminal
+                break
+        out = "".join(seen)
+        seen.clear()
+        return out
+
+    def send(text: str) -> None:
+        os.write(fd, text.encode())
+
+    try:
+        read_until("> ")
+        send(":k 3\r")
+        assert "k = 3" in read_until("> ")
+        send(":trace\r")
+        assert "trace on" in read_until("> ")
+        send("How do I create a virtual environment?\r")
+        answer = read_until("> ")
+        assert "hop 1:" in answer and "[1] " in answer and "venv.rst" in answer
+        send(":sources\r")
+        assert "venv.rst" in read_until("> ")
+        send("Explain in detail everything about Python virtual environments and packages.\r")
+        read_until("\n")   # the terminal's echo of the question
+        select.select([fd], [], [], 120)   # the answer starts streaming: stop it at once
+        send("\x03")
+        assert "(stopped)" in read_until("> ")
+        send(":hops 1\r")
+        assert "hops = 1" in read_until("> ")
+        send("\x04")
+        read_until("\n", timeout=30)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

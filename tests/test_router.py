@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from msa_kernels.routing import route_scores_torch
-from msa_cli.memory.router import Router, RouterSpec, load_spec, save_spec, top_k
+from msa_cli.memory.router import Router, RouterSpec, load_spec, save_spec
 
 
 def spec(**kw):
@@ -41,12 +41,6 @@ def test_folded_query_scores_are_the_mean_over_routing_heads_of_cosines():
     chunk = cos.max(0).values                                   # max over routing tokens
     expected = torch.stack([chunk[key_doc == d].max() for d in range(4)])
     torch.testing.assert_close(got, expected)
-
-
-def test_top_k_is_best_first_and_never_more_than_the_bank_holds():
-    ids, scores = torch.tensor([10, 11, 12]), torch.tensor([0.1, 0.9, 0.5])
-    assert top_k(ids, scores, 2) == [(11, 0.8999999761581421), (12, 0.5)]
-    assert [i for i, _ in top_k(ids, scores, 10)] == [11, 12, 10]
 
 
 def test_a_saved_router_loads_with_the_same_id(tmp_path):

@@ -46,6 +46,13 @@ class LexicalIndex:
             return torch.zeros(self.doc_ids.shape[0])
         return torch.from_numpy(np.asarray(self.retriever.get_scores(words), dtype=np.float32))
 
+    def rare_word(self) -> float:
+        """The IDF of a word found in one document (bm25s' default, Lucene's: log(1 + (N - df + 0.5) / (df + 0.5))).
+        BM25 scores grow with the log of the bank's size; divided by this they count rare-word matches, which
+        mean the same in a bank of ten documents or a million."""
+        n = self.doc_ids.numel()
+        return float(np.log(1 + (n - 0.5) / 1.5)) if n > 1 else 1.0
+
 
 def tokenize(texts: list[str], ids: bool = True):
     import bm25s

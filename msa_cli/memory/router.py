@@ -225,13 +225,6 @@ class Router:
         return torch.cat(ids), torch.cat(scores)
 
 
-def top_k(doc_ids: Tensor, scores: Tensor, k: int) -> list[tuple[int, float]]:
-    """The k best documents, best first (fewer when the bank holds fewer)."""
-    k = min(k, scores.shape[0])
-    best = torch.topk(scores, k)
-    return [(int(doc_ids[i]), float(s)) for s, i in zip(best.values, best.indices)]
-
-
 def chunk_means(x: Tensor, token_doc: Tensor, n_docs: int, g: int) -> tuple[Tensor, list[int]]:
     """Means of packed documents' tokens x [T, ...] over runs of g tokens, in fp32 -> ([K, ...], keys per document).
     Token 0 of a document is an attention sink with an outsized state: it is left out, so key j averages

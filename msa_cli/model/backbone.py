@@ -35,6 +35,7 @@ class ModelConfig:
     qkv_bias: bool      # Qwen2 (and Llama with attention_bias)
     qk_norm: bool       # Qwen3's per-head RMSNorm on q and k
     tie_embeddings: bool
+    max_positions: int  # the context the model was trained for: prompts are fitted into it
 
     @classmethod
     def from_hf(cls, config) -> "ModelConfig":
@@ -60,6 +61,7 @@ class ModelConfig:
             qkv_bias=family == "qwen2" or bool(getattr(config, "attention_bias", False)),
             qk_norm=family == "qwen3",
             tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_positions=int(getattr(config, "max_position_embeddings", None) or 2048),
         )
 
 

@@ -11,14 +11,24 @@ SYSTEM = ("You answer questions using only the numbered sources given. Cite the 
 
 
 def citation(doc: Document) -> str:
+    return cite(doc.source, doc.span)
+
+
+def cite(source: str, span: dict) -> str:
     """`path:page` for paged formats, `path:start-end` (lines) otherwise."""
-    span, path = doc.span, shown_path(doc.source)
+    path = shown_path(source)
     if span.get("page") is not None:
         return f"{path}:{span['page']}"
     if span.get("line_start") is not None:
         start, end = span["line_start"], span["line_end"]
         return f"{path}:{start}" if start == end else f"{path}:{start}-{end}"
     return path
+
+
+def source_line(source: dict) -> str:
+    """A source of an answer (Answer.sources) as the text output lists it: `[n] path:lines  (score, hop h)`."""
+    hop = f", hop {source['hop']}" if source["hop"] > 1 else ""
+    return f"[{source['n']}] {cite(source['path'], source)}  ({source['score']:.2f}{hop})"
 
 
 def shown_path(source: str) -> str:
