@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/msa ingest sample_corpora --bank $(DEMO_BANK)
-	$(BIN)/msa ask "What is the Python programming language named after?" --bank $(DEMO_BANK)
+	$(BIN)/msa ask "How do I create a virtual environment?" --bank $(DEMO_BANK)
 
 test: setup
 	$(BIN)/pytest -q

@@ -1,9 +1,9 @@
 """Does Memory Interleave find scattered evidence that reading deeper in one ranking does not?
 
-    python benchmarks/interleave_recall.py --eval-dir /tmp/eval [--sets musique hotpot]
+    python benchmarks/interleave_recall.py /tmp/eval/musique /tmp/eval/hotpot /tmp/msa-router-recall/nq-dev
 
-For every multi-hop question (MuSiQue, HotpotQA: 2-4 gold passages each) it retrieves as `msa ask` does
-(qa.interleave.retrieve with the default router, k = 5, the shipped relevance test) with 1, 2 and 3 hops, and
+For every question of the sets (MuSiQue, HotpotQA: 2-4 gold passages each; NQ: one) it retrieves as `msa ask`
+does (qa.interleave.retrieve with the default router, k, the shipped relevance test) with 1, 2 and 3 hops, and
 compares the documents read with the same number of documents taken from hop 1's ranking alone. Reported: the
 mean number of documents read, gold recall over them, and all-gold (every gold passage read). Uses the banks
 `msa eval` makes for the sets (ingesting them if needed). Prints JSON lines and a markdown table.
@@ -26,9 +26,6 @@ from msa_cli.model.loading import load_model
 from msa_cli.qa.ask import relevance
 from msa_cli.qa.interleave import retrieve
 
-K = settings.TOP_K
-
-
 def scores(read: list[str], gold: list[str]) -> tuple[float, bool]:
     found = set(read) & set(gold)
     return len(found) / len(gold), len(found) == len(gold)
@@ -36,26 +33,27 @@ def scores(read: list[str], gold: list[str]) -> tuple[float, bool]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--eval-dir", type=Path, required=True)
-    ap.add_argument("--sets", nargs="*", default=["musique", "hotpot"])
+    ap.add_argument("sets", nargs="+", type=Path, help="eval sets (convert_eval.py's layout)")
+    ap.add_argument("-k", type=int, default=settings.TOP_K, help="documents hop 1 reads")
     args = ap.parse_args()
     model = load_model()
     rows = []
-    for name in args.sets:
-        s = load_set(args.eval_dir / name)
+    for path in args.sets:
+        s = load_set(path)
+        name = s.name
         engine = Engine.open(model, default_eval_bank(s), create=True)
         ingest(engine, [s.corpus], progress=sys.stderr.isatty())
         test = relevance(engine)
         for hops in (1, 2, 3):
             interleave, deeper, read = [], [], []
             for q in s.questions:
-                r = retrieve(engine.route, q["question"], K, hops, test, abstain=False)
+                r = retrieve(engine.route, q["question"], args.k, hops, test, abstain=False)
                 files = [Path(h.document.source).stem for h in r.hits]
                 ranking = [Path(h.document.source).stem for h in engine.route(q["question"], len(files))]
                 interleave.append(scores(files, q["gold_docs"]))
                 deeper.append(scores(ranking, q["gold_docs"]))
                 read.append(len(files))
-            row = {"set": name, "hops": hops, "questions": len(s.questions), "documents_read": float(np.mean(read)),
+            row = {"set": name, "k": args.k, "hops": hops, "questions": len(s.questions), "documents_read": float(np.mean(read)),
                    "interleave_recall": float(np.mean([x[0] for x in interleave])),
                    "interleave_all_gold": float(np.mean([x[1] for x in interleave])),
                    "hop1_ranking_recall": float(np.mean([x[0] for x in deeper])),

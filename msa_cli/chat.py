@@ -91,6 +91,10 @@ class Session:
 
 def run(engine: Engine, opts: Options) -> None:
     import readline
+    import signal
+
+    # Ctrl-C must stop an answer even when msa was started with SIGINT ignored (as a shell's background job is).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     history = settings.msa_home() / "chat_history"
     try:

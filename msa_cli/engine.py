@@ -106,7 +106,7 @@ class Engine:
         decoder = Decoder(backbone)
         return decoder.generate(prompt_ids, cache=KVCache.empty(backbone.cfg.n_layers), start_position=0,
                                 max_new_tokens=max_new_tokens, stop_ids=stop_ids(self.model.tokenizer),
-                                on_token=on_token)
+                                on_token=on_token, no_repeat_ngram=defaults.NO_REPEAT_NGRAM)
 
     def generate_over_memory(self, question_ids: list[int], hits: list[Hit], max_new_tokens: int,
                              on_token=None) -> list[int]:
@@ -118,7 +118,8 @@ class Engine:
         cache = KVCache.from_prefix(self.bank.template_kv(), backbone.cfg.n_layers, backbone.dtype)
         return Decoder(backbone).generate(question_ids, cache=cache, start_position=cache.length + len(hits),
                                           max_new_tokens=max_new_tokens, memory=memory,
-                                          stop_ids=stop_ids(self.model.tokenizer), on_token=on_token)
+                                          stop_ids=stop_ids(self.model.tokenizer), on_token=on_token,
+                                          no_repeat_ngram=defaults.NO_REPEAT_NGRAM)
 
 
 def bank_settings(model: Model, router: RouterSpec) -> dict:

