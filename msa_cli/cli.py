@@ -162,8 +162,12 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
                                                       "(shared/eval/tools/convert_eval.py's layout)."),
              no_generate: bool = typer.Option(False, "--no-generate",
                                               help="Retrieval only: gold-document recall and MRR per system."),
-             baseline: list[str] = typer.Option([], "--baseline", help="Also rank with 'bm25' or 'dense' "
-                                                                      "(repeatable)."),
+             baseline: list[str] = typer.Option([], "--baseline", help="Also rank (and answer) with 'bm25' or "
+                                                                      "'dense'; answer from the bank's start "
+                                                                      "with 'full' (repeatable)."),
+             top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help="As `msa ask --top-k`."),
+             hops: int = typer.Option(settings.HOPS, "--hops", min=1, help="As `msa ask --hops`."),
+             max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Longest answer, in tokens."),
              limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use this many questions."),
              skip: int = typer.Option(0, "--skip", min=0, help="Skip this many questions first (e.g. --skip "
                                                                  "1500 for NQ's dev split)."),
@@ -173,20 +177,25 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
                                                                          "first (as `msa reindex --router`)."),
              model: Optional[str] = ModelOption,
              as_json: bool = typer.Option(False, "--json", help="One JSON object keyed by system.")):
-    """Measure routing on a QA set: recall@1/5/10, all-gold recall and MRR of the gold documents, per system."""
+    """Measure a QA set, per system: recall@1/5/10, all-gold recall and MRR of the gold documents; unless
+    --no-generate, also exact match, F1, contains-answer, abstention and latency of the answers."""
     from .engine import Engine, reindex
     from .evaluation import bank_summary, default_eval_bank, evaluate, load_set
     from .ingest import ingest as run_ingest
     from .memory.bank import Bank
     from .memory.router import named_router
     from .model.loading import load_model
+    from .qa.ask import Options
 
-    if not no_generate:
-        raise errors.MsaError("answer evaluation is not built yet: use --no-generate", errors.USAGE)
-    unknown = sorted(set(baseline) - {"bm25", "dense"})
+    unknown = sorted(set(baseline) - {"bm25", "dense", "full"})
     if unknown:
-        raise errors.MsaError(f"unknown baseline {unknown[0]!r}: choose bm25 or dense", errors.USAGE)
+        raise errors.MsaError(f"unknown baseline {unknown[0]!r}: choose bm25, dense or full", errors.USAGE)
+    if no_generate and "full" in baseline:
+        raise errors.MsaError("baseline 'full' only answers: drop --no-generate", errors.USAGE)
     s = load_set(set_dir, limit, skip)
+    if not no_generate and not all(q.get("answers") for q in s.questions):
+        raise errors.MsaError(f"{set_dir}: answering needs every question's \"answers\" (or use --no-generate)",
+                              errors.USAGE)
     m = load_model(model)
     path = bank or default_eval_bank(s)
     spec = named_router(m, router) if router else None
@@ -195,17 +204,20 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
     engine = Engine.open(m, path, create=True, new_router=spec)
     report = run_ingest(engine, [s.corpus], progress=sys.stderr.isatty())
     say(report.summary())
-    results = evaluate(engine, s, list(dict.fromkeys(baseline)))
+    opts = None if no_generate else Options(top_k=top_k, hops=hops, max_tokens=max_tokens)
+    results = evaluate(engine, s, list(dict.fromkeys(baseline)), opts)
     if as_json:
         print(json.dumps({**results, "set": s.name, "bank": bank_summary(engine)}))
         return
     print(f"{s.name}: {len(s.questions)} questions, {bank_summary(engine)['documents']} documents")
-    print(f"{'system':<12}" + "".join(f"{m:>11}" for m in ("recall@1", "recall@5", "recall@10", "all-gold@5",
-                                                           "mrr", "ms/q")))
+    columns = [("recall@1", "recall@1"), ("recall@5", "recall@5"), ("recall@10", "recall@10"),
+               ("all-gold@5", "all-gold@5"), ("mrr", "mrr"), ("ms_per_question", "ms/q")]
+    if opts:
+        columns += [("exact_match", "EM"), ("f1", "F1"), ("contains_answer", "contains"), ("abstained", "abstained"),
+                    ("gold_read", "gold read"), ("answer_ms_p50", "answer ms")]
+    print(f"{'system':<12}" + "".join(f"{label:>11}" for _, label in columns))
     for system, r in results.items():
-        print(f"{system:<12}" + "".join(f"{r[m]:>11.3f}" for m in ("recall@1", "recall@5", "recall@10",
-                                                                 "all-gold@5", "mrr"))
-              + f"{r['ms_per_question']:>11.1f}")
+        print(f"{system:<12}" + "".join(f"{r[key]:>11.3f}" if key in r else f"{'-':>11}" for key, _ in columns))
 
 
 @app.command(name="train-router")

@@ -1,5 +1,5 @@
-"""`msa eval SET_DIR --no-generate`: how often the router (and baselines over the same documents) find the gold
-documents of a QA set.
+"""`msa eval SET_DIR`: how often the router (and baselines over the same documents) find the gold documents of a
+QA set, and (without --no-generate) how well the model answers from what each of them finds.
 
 A set is the uniform layout of `shared/eval/tools/convert_eval.py`: `corpus/<doc_id>.txt` (one document per file)
 and `questions.jsonl` ({"id", "question", "answers", "gold_docs": [doc_id, ...]}). The corpus is ingested into a
@@ -21,8 +21,11 @@ from typing import Callable
 import numpy as np
 
 from . import errors, settings
-from .engine import Engine
+from .engine import Engine, Hit
 from .memory.bank import Document
+from .qa.ask import Options, answer_from, ask, reading_budget
+from .qa.interleave import Retrieval
+from .qa.scoring import contains_answer, exact_match, token_f1
 
 DEPTH = 100          # ranks kept per question: MRR is MRR@100
 CUTOFFS = (1, 5, 10)
@@ -151,7 +154,10 @@ def metrics(rankings: list[list[str]], golds: list[list[str]]) -> dict:
     return out
 
 
-def evaluate(engine: Engine, s: EvalSet, baselines: list[str]) -> dict:
+def evaluate(engine: Engine, s: EvalSet, baselines: list[str], answers: Options | None = None) -> dict:
+    """Retrieval metrics per system; with `answers`, also answer metrics: "msa" answers as `msa ask` does, each
+    retrieval baseline reads as many of its best documents as `msa ask` may read (same prompt, same generator),
+    and baseline "full" reads the bank in order, as much as fits the model's window (a long-context model)."""
     docs = engine.bank.documents()
     stems = {Path(d.source).stem for d in docs}
     golds = [list(q["gold_docs"]) for q in s.questions]
@@ -164,7 +170,7 @@ def evaluate(engine: Engine, s: EvalSet, baselines: list[str]) -> dict:
     # The default router fuses BM25 into a learned router's score: report the learned router alone beside it.
     fused = engine.router.spec.kind == "learned" and settings.FUSION_WEIGHT > 0
     results = {}
-    for system in ["msa", *(["msa-learned"] if fused else []), *baselines]:
+    for system in ["msa", *(["msa-learned"] if fused else []), *(b for b in baselines if b in makers)]:
         start = time.perf_counter()
         rank = makers[system]()
         setup = time.perf_counter() - start
@@ -178,7 +184,45 @@ def evaluate(engine: Engine, s: EvalSet, baselines: list[str]) -> dict:
                            "ms_per_question": round(1e3 * float(np.mean(seconds)), 1),
                            "ms_p95": round(1e3 * float(np.percentile(seconds, 95)), 1),
                            "index_seconds": round(setup, 2)}
+        if answers and system == "msa":
+            results[system] |= answer_metrics(s, lambda q: ask(engine, q, answers))
+        elif answers and system != "msa-learned":
+            results[system] |= answer_metrics(s, lambda q, rank=rank: rag(engine, docs, rank, q, answers))
+    if answers and "full" in baselines:
+        results["full"] = answer_metrics(s, lambda q: answer_from(engine, q, reading(docs), answers,
+                                                                   time.perf_counter()))
     return results
+
+
+def rag(engine: Engine, docs: list[Document], rank: Ranker, question: str, opts: Options):
+    """A retrieval baseline's answer: its best documents, as many as `msa ask` may read, through msa's generator."""
+    t0 = time.perf_counter()
+    best = [(docs[i], score) for i, score in rank(question)[:reading_budget(opts)]]
+    return answer_from(engine, question, reading([d for d, _ in best], [score for _, score in best]), opts, t0)
+
+
+def reading(docs: list[Document], scores: list[float] | None = None) -> Retrieval:
+    """A one-hop retrieval of these documents, in this order."""
+    scores = scores or [0.0] * len(docs)
+    return Retrieval([Hit(d, s) for d, s in zip(docs, scores)], [1] * len(docs))
+
+
+def answer_metrics(s: EvalSet, answer) -> dict:
+    """Answer every question: exact match, token F1 and contains-answer against its gold answers (an abstention
+    scores 0), the share abstained, the share whose prompt held a gold document, and latency per answer."""
+    rows, seconds = [], []
+    for q in s.questions:
+        t0 = time.perf_counter()
+        a = answer(q["question"])
+        seconds.append(time.perf_counter() - t0)
+        text = "" if a.abstained else a.text
+        read = {Path(src["path"]).stem for src in a.sources()}
+        rows.append((exact_match(text, q["answers"]), token_f1(text, q["answers"]),
+                     contains_answer(text, q["answers"]), a.abstained, bool(read & set(q["gold_docs"]))))
+    m = np.array(rows, dtype=float).mean(0)
+    return {"exact_match": float(m[0]), "f1": float(m[1]), "contains_answer": float(m[2]), "abstained": float(m[3]),
+            "gold_read": float(m[4]), "answer_ms_p50": round(1e3 * float(np.median(seconds)), 1),
+            "answer_ms_p95": round(1e3 * float(np.percentile(seconds, 95)), 1)}
 
 
 def bank_summary(engine: Engine) -> dict:

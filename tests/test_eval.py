@@ -1,4 +1,4 @@
-"""`msa eval --no-generate`: metrics computed right, and the harness end to end on a tiny model and set."""
+"""`msa eval`: retrieval and answer metrics computed right, and the harness end to end on a tiny model and set."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from msa_cli.evaluation import metrics
+from msa_cli.qa.scoring import contains_answer, exact_match, normalize, token_f1
 from tiny import save_tiny_model
 
 
@@ -19,6 +20,17 @@ def test_metrics_by_hand():
     assert m["recall@5"] == pytest.approx((1 + 1 + 0) / 3)
     assert m["all-gold@5"] == pytest.approx(2 / 3)
     assert m["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 0) / 3)
+
+
+def test_answer_metrics_by_hand():
+    assert normalize("The  Eiffel-Tower!") == "eiffeltower" and normalize("an apple a day") == "apple day"
+    assert exact_match("the Eiffel Tower.", ["Eiffel Tower", "x"]) == 1.0
+    assert exact_match("Eiffel Tower in Paris", ["Eiffel Tower"]) == 0.0
+    assert token_f1("Eiffel Tower in Paris", ["Eiffel Tower"]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert token_f1("nothing shared", ["Eiffel Tower"]) == 0.0 and token_f1("", ["x"]) == 0.0
+    assert contains_answer("It was in 1889, in Paris.", ["1889"]) == 1.0
+    assert contains_answer("It was 18890.", ["1889"]) == 0.0   # whole words only
+    assert contains_answer("anything", [""]) == 0.0
 
 
 TOPICS = {
@@ -73,3 +85,23 @@ def test_dense_baseline_finds_the_obvious_documents(eval_set, tmp_path):
     rank = dense_ranker(docs)
     assert rank("frozen ice moving slowly")[0][0] == 2
     assert rank("musical instrument played with a bow")[0][0] == 1
+
+
+def test_eval_answers_with_every_system_in_the_same_json_shape(eval_set, tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    env = {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(eval_set), "--json", "--baseline", "bm25",
+                        "--baseline", "full", "--max-tokens", "3"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    answer_keys = {"exact_match", "f1", "contains_answer", "abstained", "gold_read", "answer_ms_p50", "answer_ms_p95"}
+    for system in ("msa", "bm25", "full"):
+        assert answer_keys <= set(out[system])
+        assert all(0 <= out[system][k] <= 1 for k in answer_keys - {"answer_ms_p50", "answer_ms_p95"})
+        assert 0 < out[system]["answer_ms_p50"] <= out[system]["answer_ms_p95"]
+    assert "recall@5" in out["msa"] and "recall@5" not in out["full"]   # full context ranks nothing
+    assert out["bm25"]["gold_read"] == 1.0, "bm25 ranks each gold document first, and it is read"
+
+    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(eval_set), "--no-generate",
+                        "--baseline", "full"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "drop --no-generate" in r.stderr

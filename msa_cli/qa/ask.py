@@ -62,6 +62,13 @@ def ask(engine: Engine, question: str, opts: Options, on_token: Callable[[int], 
         raise MsaError("the question is empty", USAGE)
     t0 = time.perf_counter()
     retrieval = retrieve(engine.route, question, opts.top_k, opts.hops, relevance(engine), opts.abstain)
+    return answer_from(engine, question, retrieval, opts, t0, on_token)
+
+
+def answer_from(engine: Engine, question: str, retrieval: Retrieval, opts: Options, t0: float,
+                on_token: Callable[[int], None] | None = None) -> Answer:
+    """Generation over what a retrieval found (started at perf_counter t0), or the abstention when it found
+    nothing. `msa eval` feeds its baselines' retrievals through here too: same prompt, same generator."""
     t1 = time.perf_counter()
     timings = {"route_ms": ms(t1 - t0)}
     if retrieval.abstained:
@@ -88,6 +95,11 @@ def ask(engine: Engine, question: str, opts: Options, on_token: Callable[[int], 
     return Answer(question, tok.decode(out, skip_special_tokens=True).strip(), retrieval, read, len(out), timings)
 
 
+def reading_budget(opts: Options) -> int:
+    """How many documents `ask` reads at most: k at hop 1, then k // 2 (at least 1) per later hop."""
+    return opts.top_k + (opts.hops - 1) * max(1, opts.top_k // 2)
+
+
 def relevance(engine: Engine) -> Relevance:
     """The relevance test for the engine's router, with its calibrated threshold when it has one."""
     return Relevance(settings.RELEVANT_BM25, settings.RELEVANT_ROUTER.get(engine.router.spec.id))
@@ -97,6 +109,14 @@ def fitted_prompt(tokenizer, question: str, retrieval: Retrieval, budget: int) -
     """The prompt with as many of the retrieved documents as fit `budget` tokens, in retrieval order (hop 1's best
     first): the model's context is finite, the memory is not."""
     docs = [h.document for h in retrieval.hits]
+    # Start from the documents whose own tokens fit (a bank can be far larger than any prompt), then trim the
+    # last ones until the whole prompt does.
+    total = 0
+    for n, d in enumerate(docs):
+        total += d.n_tokens
+        if total > budget:
+            docs = docs[:n]
+            break
     while True:
         prompt = text_prompt(tokenizer, question, docs)
         if len(prompt) <= budget:
