@@ -23,28 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from msa_cli.evaluation import default_eval_bank, load_set
+from scaling_curve import grown_set   # the same banks: gold passages, then 2wiki up to a size
 
 DEV_START = 1500
-
-
-def small_bank(nq: Path, twowiki: Path, questions: list[dict], tokens: int, out: Path) -> Path:
-    """The questions' gold passages, then 2wiki paragraphs in name order, up to `tokens` tokens (counted with the
-    default model's tokenizer, as the bank counts them)."""
-    from msa_cli.model.loading import load_model
-
-    tokenizer = load_model().tokenizer
-    corpus = out / "corpus"
-    corpus.mkdir(parents=True, exist_ok=True)
-    total = 0
-    gold = [nq / "corpus" / f"{g}.txt" for q in questions for g in q["gold_docs"]]
-    for f in [*dict.fromkeys(gold), *sorted(twowiki.iterdir())]:
-        if total >= tokens:
-            break
-        link = corpus / f.name
-        if not link.exists():
-            link.symlink_to(f.resolve())
-        total += len(tokenizer(f.read_text(), add_special_tokens=False).input_ids)
-    return corpus
 
 
 def ingest(corpus: Path, bank: Path) -> None:
@@ -70,11 +51,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msa-ask-latency")
     args = ap.parse_args()
     nq = args.eval_dir / "nq"
-    qs = [json.loads(line) for line in (nq / "questions.jsonl").read_text().splitlines()
-          [DEV_START:DEV_START + args.questions]]
+    lines = (nq / "questions.jsonl").read_text().splitlines()[DEV_START:DEV_START + args.questions]
+    qs = [json.loads(line) for line in lines]
     banks = {}
     for name, tokens in (("16K", 16_384), ("128K", 131_072)):
-        corpus = small_bank(nq, args.eval_dir / "2wiki" / "corpus", qs, tokens, args.work / name)
+        corpus = grown_set(nq, args.eval_dir / "2wiki" / "corpus", lines, tokens, args.work / name) / "corpus"
         banks[name] = args.work / f"bank-{name}"
         ingest(corpus, banks[name])
     big = load_set(args.dev_sets / "nq-dev-1m", None, 0)
