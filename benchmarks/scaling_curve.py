@@ -6,8 +6,9 @@
 The same NQ dev questions (1501 onwards) at every size. 16K, 64K and 256K: their gold passages plus 2wiki
 paragraphs up to the size; 1M: router_recall.py's nq-dev-1m (all NQ dev gold passages, 2wiki, python3.11-doc;
 --dev-sets is router_recall.py's --work). Each size is one `msa eval --json` run (MSA with the default router
-and hops, BM25-RAG and dense-RAG reading as many documents, and "full": the bank from its start, as much as fits
-the model's window), so every figure is what a user's `msa eval` prints. Prints one JSON line per size, a
+and hops, BM25-RAG and dense-RAG reading as many documents) and, for the first --full-questions questions, one
+with "full" (the whole bank in a fixed shuffled order, as much as fits the model's window, beside MSA on the same
+questions), so every figure is what a user's `msa eval` prints. Prints one JSON line per size, a
 markdown table, the relative change from the smallest to the largest size, and writes the plot (matplotlib).
 """
 
@@ -47,12 +48,13 @@ def grown_set(nq: Path, twowiki: Path, questions: list[str], tokens: int, out: P
     return out
 
 
-def run_eval(set_dir: Path, limit: int, full: bool) -> dict:
+def run_eval(set_dir: Path, limit: int, baselines: list[str]) -> dict:
     cmd = [sys.executable, "-m", "msa_cli.cli", "eval", str(set_dir), "--json", "--limit", str(limit),
-           "--baseline", "bm25", "--baseline", "dense", *(["--baseline", "full"] if full else [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+           *(arg for b in baselines for arg in ("--baseline", b))]
+    # stderr passes through: msa eval says when each system is done (a size takes tens of minutes here).
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
     if out.returncode:
-        sys.exit(out.stderr)
+        sys.exit(f"msa eval {set_dir} failed (exit {out.returncode})")
     return json.loads(out.stdout)
 
 
@@ -62,28 +64,35 @@ def main() -> None:
     ap.add_argument("--dev-sets", type=Path, required=True, help="router_recall.py's --work (nq-dev-1m)")
     ap.add_argument("--questions", type=int, default=100)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    ap.add_argument("--no-full", action="store_true", help="skip the full-context baseline (the slowest)")
+    ap.add_argument("--full-questions", type=int, default=30,
+                    help="the full-context baseline (the slowest: a whole window per answer) answers only the first "
+                         "N questions, in a second run that also reports MSA on them; 0 skips it")
     ap.add_argument("--plot", type=Path, default=Path("BENCHMARKS-scaling.png"))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msa-scaling")
     args = ap.parse_args()
     nq = args.eval_dir / "nq"
     questions = (nq / "questions.jsonl").read_text().splitlines()[DEV_START:DEV_START + args.questions]
-    rows = {}
+    rows, sets = {}, {}
     for size in args.sizes:
         if SIZES[size] is None:
-            set_dir = args.dev_sets / "nq-dev-1m"   # its questions start at 1501 too
+            sets[size] = args.dev_sets / "nq-dev-1m"   # its questions start at 1501 too
         else:
-            set_dir = grown_set(nq, args.eval_dir / "2wiki" / "corpus", questions, SIZES[size], args.work / size)
-        result = run_eval(set_dir, args.questions, full=not args.no_full)
-        rows[size] = result
-        print(json.dumps({"size": size, **result}), flush=True)
+            sets[size] = grown_set(nq, args.eval_dir / "2wiki" / "corpus", questions, SIZES[size], args.work / size)
+        rows[size] = run_eval(sets[size], args.questions, ["bm25", "dense"])
+        print(json.dumps({"size": size, **rows[size]}), flush=True)
+    # Full context last: the curve of the others is complete even if this (the slowest) is cut short.
+    for size in args.sizes if args.full_questions else []:
+        subset = run_eval(sets[size], args.full_questions, ["full"])
+        rows[size] |= {"full": subset["full"], f"msa@{args.full_questions}": subset["msa"]}
+        print(json.dumps({"size": size, "full": subset["full"], f"msa@{args.full_questions}": subset["msa"]}),
+              flush=True)
 
-    present = [s for s in SYSTEMS if any(s in r for r in rows.values())]
+    present = [s for s in (*SYSTEMS, f"msa@{args.full_questions}") if any(s in r for r in rows.values())]
     print("\n| memory | tokens | " + " | ".join(f"{s} recall@5 | {s} contains | {s} F1" for s in present) + " |")
     print("|---|---|" + "---|---|---|" * len(present))
     for size, r in rows.items():
-        cells = [f"{r[s].get('recall@5', float('nan')):.3f} | {r[s]['contains_answer']:.3f} | {r[s]['f1']:.3f}"
-                 if s in r else "- | - | -" for s in present]
+        cells = [(f"{r[s]['recall@5']:.3f}" if "recall@5" in r[s] else "-")
+                 + f" | {r[s]['contains_answer']:.3f} | {r[s]['f1']:.3f}" if s in r else "- | - | -" for s in present]
         print(f"| {size} | {r['bank']['tokens']:,} | " + " | ".join(cells) + " |")
     first, last = rows[args.sizes[0]], rows[args.sizes[-1]]
     for s in present:

@@ -205,7 +205,7 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
     report = run_ingest(engine, [s.corpus], progress=sys.stderr.isatty())
     say(report.summary())
     opts = None if no_generate else Options(top_k=top_k, hops=hops, max_tokens=max_tokens)
-    results = evaluate(engine, s, list(dict.fromkeys(baseline)), opts)
+    results = evaluate(engine, s, list(dict.fromkeys(baseline)), opts, log=say)
     if as_json:
         print(json.dumps({**results, "set": s.name, "bank": bank_summary(engine)}))
         return
@@ -214,7 +214,7 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
                ("all-gold@5", "all-gold@5"), ("mrr", "mrr"), ("ms_per_question", "ms/q")]
     if opts:
         columns += [("exact_match", "EM"), ("f1", "F1"), ("contains_answer", "contains"), ("abstained", "abstained"),
-                    ("gold_read", "gold read"), ("answer_ms_p50", "answer ms")]
+                    ("gold_read", "gold read"), ("all_gold_read", "all read"), ("answer_ms_p50", "answer ms")]
     print(f"{'system':<12}" + "".join(f"{label:>11}" for _, label in columns))
     for system, r in results.items():
         print(f"{system:<12}" + "".join(f"{r[key]:>11.3f}" if key in r else f"{'-':>11}" for key, _ in columns))

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from msa_cli.evaluation import metrics
+from msa_cli.evaluation import full_context_order, metrics
+from msa_cli.memory.bank import Document
 from msa_cli.qa.scoring import contains_answer, exact_match, normalize, token_f1
 from tiny import save_tiny_model
 
@@ -31,6 +32,18 @@ def test_answer_metrics_by_hand():
     assert contains_answer("It was in 1889, in Paris.", ["1889"]) == 1.0
     assert contains_answer("It was 18890.", ["1889"]) == 0.0   # whole words only
     assert contains_answer("anything", [""]) == 0.0
+
+
+def test_full_context_reads_the_bank_in_an_order_independent_of_how_it_was_assembled():
+    def doc(i: int, name: str) -> Document:
+        return Document(i, f"/corpus/{name}.txt", {"line_start": 1}, "", 10, name, "", 0, 0, 0, 0, 0)
+
+    small = [doc(i, f"gold{i}") for i in range(5)] + [doc(5 + i, f"distractor{i}") for i in range(20)]
+    grown = small + [doc(25 + i, f"more{i}") for i in range(200)]
+    order = [d.text for d in full_context_order(small)]
+    assert order == [d.text for d in full_context_order(small[::-1])], "the bank's own order does not matter"
+    assert order[:5] != [f"gold{i}" for i in range(5)], "gold passages listed first are not read first"
+    assert [d.text for d in full_context_order(grown) if d in small] == order, "growing keeps relative order"
 
 
 TOPICS = {
@@ -94,13 +107,14 @@ def test_eval_answers_with_every_system_in_the_same_json_shape(eval_set, tmp_pat
                         "--baseline", "full", "--max-tokens", "3"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    answer_keys = {"exact_match", "f1", "contains_answer", "abstained", "gold_read", "answer_ms_p50", "answer_ms_p95"}
+    answer_keys = {"exact_match", "f1", "contains_answer", "abstained", "gold_read", "all_gold_read", "answer_ms_p50",
+                   "answer_ms_p95"}
     for system in ("msa", "bm25", "full"):
         assert answer_keys <= set(out[system])
         assert all(0 <= out[system][k] <= 1 for k in answer_keys - {"answer_ms_p50", "answer_ms_p95"})
         assert 0 < out[system]["answer_ms_p50"] <= out[system]["answer_ms_p95"]
     assert "recall@5" in out["msa"] and "recall@5" not in out["full"]   # full context ranks nothing
-    assert out["bm25"]["gold_read"] == 1.0, "bm25 ranks each gold document first, and it is read"
+    assert out["bm25"]["gold_read"] == out["bm25"]["all_gold_read"] == 1.0, "bm25 ranks each gold first: it is read"
 
     r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(eval_set), "--no-generate",
                         "--baseline", "full"], capture_output=True, text=True, env=env)
