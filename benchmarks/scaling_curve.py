@@ -1,15 +1,19 @@
 """Recall@5 and answer accuracy against memory size: the MSA paper's scaling claim, measured from 16K to 1M.
 
     python benchmarks/scaling_curve.py --eval-dir /tmp/eval --dev-sets /tmp/msa-router-recall [--questions 100]
-        [--sizes 16K 64K 256K 1M] [--plot BENCHMARKS-scaling.png]
+        [--sizes 16K 64K 256K 1M] [--full-questions 30 --full-sizes 16K 1M] [--results runs.jsonl]
+        [--plot BENCHMARKS-scaling.png]
 
 The same NQ dev questions (1501 onwards) at every size. 16K, 64K and 256K: their gold passages plus 2wiki
 paragraphs up to the size; 1M: router_recall.py's nq-dev-1m (all NQ dev gold passages, 2wiki, python3.11-doc;
 --dev-sets is router_recall.py's --work). Each size is one `msa eval --json` run (MSA with the default router
 and hops, BM25-RAG and dense-RAG reading as many documents) and, for the first --full-questions questions, one
 with "full" (the whole bank in a fixed shuffled order, as much as fits the model's window, beside MSA on the same
-questions), so every figure is what a user's `msa eval` prints. Prints one JSON line per size, a
-markdown table, the relative change from the smallest to the largest size, and writes the plot (matplotlib).
+questions), so every figure is what a user's `msa eval` prints. On this 2-core CPU a size takes about 15
+minutes, and full context about 40 s per answer (8K-token prompts). Prints one JSON line per run, a markdown
+table, the relative change from the smallest to the largest size with a straight-line projection in log(tokens)
+to 100M (a projection, not a measurement), and writes the plot (matplotlib). With --results, runs already in
+the file are read instead of repeated, so a cut-short run resumes and the table and plot can be redrawn.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 DEV_START = 1500
 SIZES = {"16K": 16_384, "64K": 65_536, "256K": 262_144, "1M": None}
-SYSTEMS = ("msa", "bm25", "dense", "full")
+SYSTEMS = ("msa", "msa-learned", "bm25", "dense", "full", "msa-subset")   # msa-learned: the router alone, no answers
+PROJECT_TO = 100_000_000   # the paper's largest memory: projected from the measured sizes, not measured
 
 
 def grown_set(nq: Path, twowiki: Path, questions: list[str], tokens: int, out: Path) -> Path:
@@ -67,59 +74,91 @@ def main() -> None:
     ap.add_argument("--full-questions", type=int, default=30,
                     help="the full-context baseline (the slowest: a whole window per answer) answers only the first "
                          "N questions, in a second run that also reports MSA on them; 0 skips it")
+    ap.add_argument("--full-sizes", nargs="+", choices=list(SIZES), help="sizes for full context [default: --sizes]")
+    ap.add_argument("--results", type=Path, help="JSON lines file: each finished run is appended to it, and a run "
+                                                  "already in it is not repeated (resume a cut-short run)")
     ap.add_argument("--plot", type=Path, default=Path("BENCHMARKS-scaling.png"))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msa-scaling")
     args = ap.parse_args()
     nq = args.eval_dir / "nq"
     questions = (nq / "questions.jsonl").read_text().splitlines()[DEV_START:DEV_START + args.questions]
-    rows, sets = {}, {}
-    for size in args.sizes:
-        if SIZES[size] is None:
-            sets[size] = args.dev_sets / "nq-dev-1m"   # its questions start at 1501 too
-        else:
-            sets[size] = grown_set(nq, args.eval_dir / "2wiki" / "corpus", questions, SIZES[size], args.work / size)
-        rows[size] = run_eval(sets[size], args.questions, ["bm25", "dense"])
-        print(json.dumps({"size": size, **rows[size]}), flush=True)
-    # Full context last: the curve of the others is complete even if this (the slowest) is cut short.
-    for size in args.sizes if args.full_questions else []:
-        subset = run_eval(sets[size], args.full_questions, ["full"])
-        rows[size] |= {"full": subset["full"], f"msa@{args.full_questions}": subset["msa"]}
-        print(json.dumps({"size": size, "full": subset["full"], f"msa@{args.full_questions}": subset["msa"]}),
-              flush=True)
+    done = [json.loads(line) for line in args.results.read_text().splitlines()] \
+        if args.results and args.results.exists() else []
+    rows = {size: {} for size in args.sizes}
+    for line in done:
+        if line["size"] in rows:
+            rows[line["size"]] |= {k: v for k, v in line.items() if k != "size"}
 
-    present = [s for s in (*SYSTEMS, f"msa@{args.full_questions}") if any(s in r for r in rows.values())]
-    print("\n| memory | tokens | " + " | ".join(f"{s} recall@5 | {s} contains | {s} F1" for s in present) + " |")
-    print("|---|---|" + "---|---|---|" * len(present))
+    def record(size: str, result: dict) -> None:
+        rows[size] |= result
+        line = json.dumps({"size": size, **result})
+        print(line, flush=True)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(line + "\n")
+
+    def set_dir(size: str) -> Path:
+        if SIZES[size] is None:
+            return args.dev_sets / "nq-dev-1m"   # its questions start at 1501 too
+        return grown_set(nq, args.eval_dir / "2wiki" / "corpus", questions, SIZES[size], args.work / size)
+
+    for size in args.sizes:
+        if "msa" not in rows[size]:
+            record(size, run_eval(set_dir(size), args.questions, ["bm25", "dense"]))
+    # Full context last: the curve of the others is complete even if this (the slowest) is cut short.
+    for size in (args.full_sizes or args.sizes) if args.full_questions else []:
+        if "full" not in rows[size]:
+            subset = run_eval(set_dir(size), args.full_questions, ["full"])
+            record(size, {"full": {**subset["full"], "questions": args.full_questions}, "msa-subset": subset["msa"]})
+
+    present = [s for s in SYSTEMS if any(s in r for r in rows.values())]
+
+    columns = ("questions", "recall@5", "contains_answer", "f1", "exact_match", "abstained", "gold_read",
+               "answer_ms_p50")
+    print("\n| memory tokens | system | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for size, r in rows.items():
-        cells = [(f"{r[s]['recall@5']:.3f}" if "recall@5" in r[s] else "-")
-                 + f" | {r[s]['contains_answer']:.3f} | {r[s]['f1']:.3f}" if s in r else "- | - | -" for s in present]
-        print(f"| {size} | {r['bank']['tokens']:,} | " + " | ".join(cells) + " |")
-    first, last = rows[args.sizes[0]], rows[args.sizes[-1]]
+        for s in present:
+            if s in r:
+                cells = ["-" if key not in r[s] else f"{r[s][key]:,.0f}" if key in ("questions", "answer_ms_p50")
+                         else f"{r[s][key]:.3f}" for key in columns]
+                print(f"| {size} ({r['bank']['tokens']:,}) | {s} | " + " | ".join(cells) + " |")
+    print("(full answers the first --full-questions questions, and msa-subset is MSA on those same questions)")
     for s in present:
         for metric in ("recall@5", "contains_answer"):
-            if metric in first.get(s, {}) and first[s][metric]:
-                change = last[s][metric] / first[s][metric] - 1
-                print(f"{s} {metric}: {first[s][metric]:.3f} at {args.sizes[0]} -> {last[s][metric]:.3f} at "
-                      f"{args.sizes[-1]} ({change:+.1%})")
+            points = [(rows[size]["bank"]["tokens"], rows[size][s][metric]) for size in args.sizes
+                      if metric in rows[size].get(s, {})]
+            if len(points) < 2 or not points[0][1]:
+                continue
+            (t0, first), (t1, last) = points[0], points[-1]
+            line = f"{s} {metric}: {first:.3f} at {t0:,} tokens -> {last:.3f} at {t1:,} ({last / first - 1:+.1%})"
+            if len(points) >= 3:   # a projection, not a measurement: a straight line in log(tokens)
+                slope, intercept = np.polyfit(np.log10([t for t, _ in points]), [v for _, v in points], 1)
+                projected = intercept + slope * np.log10(PROJECT_TO)
+                line += f"; projected at {PROJECT_TO:,}: {projected:.3f} ({projected / first - 1:+.1%})"
+            print(line)
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tokens = [rows[s]["bank"]["tokens"] for s in args.sizes]
+    colour = {s: f"C{n}" for n, s in enumerate(SYSTEMS)}   # one colour per system in both panels
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, title in ((axes[0], "recall@5", "gold document in the top 5"),
-                              (axes[1], "contains_answer", "answer contains a gold answer")):
+    for ax, metric, title, top in ((axes[0], "recall@5", "gold document in the top 5", 1.0),
+                                   (axes[1], "contains_answer", "answer contains a gold answer", 0.5)):
         for s in present:
             points = [(t, rows[size][s][metric]) for t, size in zip(tokens, args.sizes)
                       if metric in rows[size].get(s, {})]
             if points:
-                ax.plot(*zip(*points), marker="o", label=s)
+                n = next(rows[size][s]["questions"] for size in args.sizes if "questions" in rows[size].get(s, {}))
+                ax.plot(*zip(*points), marker="o", color=colour[s], linestyle=":" if s == "msa-subset" else "-",
+                        label=f"{s} ({n} questions)" if n != args.questions else s)
         ax.set_xscale("log")
         ax.set_xlabel("memory tokens")
         ax.set_title(title)
-        ax.set_ylim(0, 1)
-        ax.legend()
+        ax.set_ylim(0, top)
+        ax.legend(fontsize="small")
     fig.suptitle(f"NQ dev ({args.questions} questions), SmolLM2-135M-Instruct")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
