@@ -19,6 +19,7 @@ the file are read instead of repeated, so a cut-short run resumes and the table 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -97,6 +98,7 @@ def main() -> None:
             with open(args.results, "a") as f:
                 f.write(line + "\n")
 
+    @functools.cache   # a size's set is built (and its files tokenised) once, though two runs may use it
     def set_dir(size: str) -> Path:
         if SIZES[size] is None:
             return args.dev_sets / "nq-dev-1m"   # its questions start at 1501 too
@@ -109,7 +111,7 @@ def main() -> None:
     for size in (args.full_sizes or args.sizes) if args.full_questions else []:
         if "full" not in rows[size]:
             subset = run_eval(set_dir(size), args.full_questions, ["full"])
-            record(size, {"full": {**subset["full"], "questions": args.full_questions}, "msa-subset": subset["msa"]})
+            record(size, {"full": subset["full"], "msa-subset": subset["msa"]})
 
     present = [s for s in SYSTEMS if any(s in r for r in rows.values())]
 

@@ -193,7 +193,8 @@ def evaluate(engine: Engine, s: EvalSet, baselines: list[str], answers: Options 
         log(f"{system}: {len(s.questions)} questions in {time.perf_counter() - start:.0f} s")
     if answers and "full" in baselines:
         start, whole = time.perf_counter(), reading(full_context_order(docs))
-        results["full"] = answer_metrics(s, lambda q: answer_from(engine, q, whole, answers, time.perf_counter()))
+        results["full"] = {"questions": len(s.questions),
+                           **answer_metrics(s, lambda q: answer_from(engine, q, whole, answers, time.perf_counter()))}
         log(f"full: {len(s.questions)} questions in {time.perf_counter() - start:.0f} s")
     return results
 

@@ -114,6 +114,7 @@ def test_eval_answers_with_every_system_in_the_same_json_shape(eval_set, tmp_pat
         assert all(0 <= out[system][k] <= 1 for k in answer_keys - {"answer_ms_p50", "answer_ms_p95"})
         assert 0 < out[system]["answer_ms_p50"] <= out[system]["answer_ms_p95"]
     assert "recall@5" in out["msa"] and "recall@5" not in out["full"]   # full context ranks nothing
+    assert out["full"]["questions"] == out["msa"]["questions"] == 3
     assert out["bm25"]["gold_read"] == out["bm25"]["all_gold_read"] == 1.0, "bm25 ranks each gold first: it is read"
 
     r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(eval_set), "--no-generate",
