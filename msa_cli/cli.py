@@ -17,26 +17,34 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A local language model with a memory far larger than its context window.")
 
 BankOption = typer.Option(None, "--bank", help="Memory bank directory [env: MSA_BANK; default: ~/.msa/bank].")
-ModelOption = typer.Option(None, "--model", help="Model: 'default', a .gguf file or a local HF directory [env: MSA_MODEL].")
+ModelOption = typer.Option(None, "--model", help="Model: 'default', a .gguf file, a local HF directory or an MSA "
+                                                 "checkpoint directory [env: MSA_MODEL].")
+DeviceOption = typer.Option(None, "--device", help="Where the model computes: 'cpu' or 'cuda' (bf16, Triton "
+                                                   "kernels) [env: MSA_DEVICE; default: cpu].")
+
+
+TOP_K_HELP = "Documents to read per hop (an MSA checkpoint reads its own top-k per router layer)."
+HOPS_HELP = "Memory Interleave's hop budget (for an MSA checkpoint: its most retrieval rounds)."
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def open_engine(bank: Optional[Path], model: Optional[str], create: bool = False):
+def open_engine(bank: Optional[Path], model: Optional[str], create: bool = False, device: Optional[str] = None):
     from .engine import Engine
     from .model.loading import load_model
 
     path = bank or settings.default_bank()
     if not create and not (path / "manifest.json").is_file():
         raise errors.BankNotFound(f"no memory bank at {path}: make one with `msa ingest PATH`")
-    return Engine.open(load_model(model), path, create=create)
+    return Engine.open(load_model(model, device=device), path, create=create)
 
 
 @app.command()
 def ingest(paths: list[Path] = typer.Argument(..., help="Files or folders to read into memory."),
            bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
+           device: Optional[str] = DeviceOption,
            prune: bool = typer.Option(True, "--prune/--no-prune",
                                       help="Remove files that are gone from an ingested folder."),
            passage_tokens: int = typer.Option(settings.PASSAGE_TOKENS, "--passage-tokens", min=16, max=8192,
@@ -50,7 +58,7 @@ def ingest(paths: list[Path] = typer.Argument(..., help="Files or folders to rea
     missing = [str(p) for p in paths if not os.path.exists(p)]
     if missing:
         raise errors.MsaError(f"no such file or folder: {missing[0]}", errors.USAGE)
-    engine = open_engine(bank, model, create=True)
+    engine = open_engine(bank, model, create=True, device=device)
     report = run_ingest(engine, paths, prune=prune, passage_tokens=passage_tokens,
                         progress=not quiet and sys.stderr.isatty())
     if not quiet:
@@ -74,12 +82,13 @@ def forget(paths: list[Path] = typer.Argument(..., help="Files or folders whose 
 
 @app.command()
 def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
+           device: Optional[str] = DeviceOption,
            top_k: int = typer.Option(10, "--top-k", "-k", min=1),
            as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")):
     """Routing only: the documents the router picks for QUERY, with scores."""
     from .qa.answer import citation
 
-    engine = open_engine(bank, model)
+    engine = open_engine(bank, model, device=device)
     for rank, hit in enumerate(engine.route(query, top_k), 1):
         d = hit.document
         if as_json:
@@ -94,8 +103,9 @@ def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] =
 @app.command()
 def ask(question: str = typer.Argument(..., help="The question, or '-' to read questions from stdin, one per line."),
         bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
-        top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help="Documents to read per hop."),
-        hops: int = typer.Option(settings.HOPS, "--hops", min=1, help="Memory Interleave's hop budget."),
+        device: Optional[str] = DeviceOption,
+        top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help=TOP_K_HELP),
+        hops: int = typer.Option(settings.HOPS, "--hops", min=1, help=HOPS_HELP),
         max_tokens: int = typer.Option(200, "--max-tokens", min=1),
         abstain: bool = typer.Option(True, "--abstain/--no-abstain",
                                      help="Say so and exit 7 when nothing in memory is relevant (default), or read "
@@ -114,7 +124,7 @@ def ask(question: str = typer.Argument(..., help="The question, or '-' to read q
     batch = question == "-"
     if not batch and not question.strip():
         raise errors.MsaError("the question is empty", errors.USAGE)
-    engine = open_engine(bank, model)
+    engine = open_engine(bank, model, device=device)
     opts = Options(top_k=top_k, hops=hops, max_tokens=max_tokens, abstain=abstain, context=context)
     # Like grep: success when anything was answered, a distinct code when nothing in memory was relevant.
     answered = abstained = 0
@@ -144,8 +154,9 @@ def write_out(text: str) -> None:
 
 @app.command()
 def chat(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
-         top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help="Documents to read per hop."),
-         hops: int = typer.Option(settings.HOPS, "--hops", min=1, help="Memory Interleave's hop budget."),
+         device: Optional[str] = DeviceOption,
+         top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help=TOP_K_HELP),
+         hops: int = typer.Option(settings.HOPS, "--hops", min=1, help=HOPS_HELP),
          max_tokens: int = typer.Option(200, "--max-tokens", min=1),
          abstain: bool = typer.Option(True, "--abstain/--no-abstain",
                                       help="Say so when nothing in memory is relevant, or read the best anyway.")):
@@ -153,7 +164,7 @@ def chat(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
     from .chat import run
     from .qa.ask import Options
 
-    engine = open_engine(bank, model)
+    engine = open_engine(bank, model, device=device)
     run(engine, Options(top_k=top_k, hops=hops, max_tokens=max_tokens, abstain=abstain))
 
 
@@ -175,7 +186,7 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
                                                                       "per set under ~/.msa/eval]."),
              router: Optional[str] = typer.Option(None, "--router", help="Reindex the set's bank for this router "
                                                                          "first (as `msa reindex --router`)."),
-             model: Optional[str] = ModelOption,
+             model: Optional[str] = ModelOption, device: Optional[str] = DeviceOption,
              as_json: bool = typer.Option(False, "--json", help="One JSON object keyed by system.")):
     """Measure a QA set, per system: recall@1/5/10, all-gold recall and MRR of the gold documents; unless
     --no-generate, also exact match, F1, contains-answer, abstention and latency of the answers."""
@@ -196,7 +207,7 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
     if not no_generate and not all(q.get("answers") for q in s.questions):
         raise errors.MsaError(f"{set_dir}: answering needs every question's \"answers\" (or use --no-generate)",
                               errors.USAGE)
-    m = load_model(model)
+    m = load_model(model, device=device)
     path = bank or default_eval_bank(s)
     spec = named_router(m, router) if router else None
     if spec and Bank.exists(path):
@@ -269,8 +280,11 @@ def train_router(out: Path = typer.Option(..., "--out", help="Router file to wri
 
 @app.command()
 def reindex(router: str = typer.Option("default", "--router", help="'default', a shipped kind ('learned', "
-                                                                   "'native'), 'msa', or a router file."),
-            bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption):
+                                                                   "'native'), 'msa', or a router file; for an "
+                                                                   "MSA checkpoint 'dot' (its default) or "
+                                                                   "'cosine'."),
+            bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
+            device: Optional[str] = DeviceOption):
     """Recompute only the bank's routing keys for another router; content and text stay as they are."""
     from tqdm import tqdm
 
@@ -282,7 +296,7 @@ def reindex(router: str = typer.Option("default", "--router", help="'default', a
     path = bank or settings.default_bank()
     if not Bank.exists(path):
         raise errors.BankNotFound(f"no memory bank at {path}: make one with `msa ingest PATH`")
-    m = load_model(model)
+    m = load_model(model, device=device)
     spec = named_router(m, router)
     with tqdm(total=Bank.open(path).stats()["tokens"], desc="reindexing", unit=" tok", unit_scale=True,
               disable=not sys.stderr.isatty(), file=sys.stderr, leave=False) as bar:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from . import settings as defaults
 from .corpus.splitter import Passage
@@ -18,12 +19,15 @@ from .errors import BankMismatch
 from .memory import lexical
 from .memory.bank import Bank, Document, NewDocument
 from .memory.encoder import Encoded, document_ids, encode, routing_query, template_kv, TEMPLATE_HEAD
-from .memory.router import (Router, RouterSpec, default_router, load_spec, msa_default_spec, router_file_contents,
-                            shipped_routers)
+from .memory.router import (Router, RouterSpec, checkpoint_spec, default_router, load_spec, msa_default_spec,
+                            router_file_contents, shipped_routers)
 from .model.loading import Model
 from .qa.generate import Decoder, KVCache, Memory
 
 BANK_DTYPE = torch.bfloat16   # what the bank stores, whatever the CPU computes in
+# How an MSA checkpoint reads a memory document (digest §3.1): its id at both ends, so the first and the last
+# pooled chunk carry it and the model can name the document in its generative retrieval (`[id]`).
+MSA_DOCUMENT = "<|im_start|>[{id}]. {text}[{id}]<|im_end|>"
 
 
 @dataclass
@@ -57,20 +61,27 @@ class Engine:
                                        router_file_contents(spec, {}))
         else:
             bank = Bank.open(bank_path)   # says there is no bank there
-        return cls(model, bank, Router(spec))
+        return cls(model, bank, Router(spec, model.backbone.device))
 
     # --- stage 1 ------------------------------------------------------------------------------------------
 
     def encode(self, passages: list[Passage], on_tokens=None) -> Encoded:
-        """Stage 1 for a batch of passages; on_tokens(n) reports progress after each forward."""
+        """Stage 1 for a batch of passages, which the next commit appends; on_tokens(n) reports progress after
+        each forward. The caller holds the bank's lock (an MSA checkpoint writes the ids the bank will give the
+        documents into their text)."""
         s = self.bank.settings
-        token_ids = [document_ids(self.model.tokenizer, p.text) for p in passages]
-        return encode(self.model.backbone, token_ids, s["content_layers"], self.router, s["pooling"],
-                      BANK_DTYPE, defaults.PACK_TOKENS, on_pack=on_tokens)
+        first = self.bank.next_doc_id
+        token_ids = [document_tokens(self.model, p.text, first + i) for i, p in enumerate(passages)]
+        encoded = encode(self.model.backbone, token_ids, s["content_layers"], self.router, s["pooling"],
+                         BANK_DTYPE, defaults.PACK_TOKENS, on_pack=on_tokens)
+        encoded.first_doc_id = first
+        return encoded
 
     def commit(self, passages: list[tuple[Passage, str]], encoded: Encoded, replacing: list[int] = ()) -> list[int]:
         """Write encoded (passage, file content hash) pairs as one bank segment, removing the documents
         `replacing` in the same commit. The caller holds the bank's lock."""
+        if self.model.msa and encoded.first_doc_id != self.bank.next_doc_id:
+            raise RuntimeError("documents were encoded with other ids than the bank would give them")
         docs = [NewDocument(source=p.path, span={"page": p.page, "line_start": p.line_start, "line_end": p.line_end},
                             content_hash=digest, n_tokens=p.n_tokens, text=p.text)
                 for p, digest in passages]
@@ -98,6 +109,20 @@ class Engine:
         rare = self._lexical.rare_word()
         return [Hit(by_id[int(doc_ids[i])], float(scores[i]), float(router[i]), float(bm25[i]) / rare) for i in best]
 
+    def select(self, layer: int, x: Tensor, k: int) -> tuple[list[int], list[float], Tensor, Tensor]:
+        """An MSA checkpoint's stage 2 in one router layer: x [T, D] is the layer's normalised input at the routing
+        tokens. -> (the k best documents' ids, their scores, their pooled k and v [S, Hk, d] on the model's
+        device). k never exceeds the live documents: no padding slot can be selected (digest §7 B8)."""
+        q = self.router.query({layer: self.router.query_input(layer, x, None)}, layer)
+        doc_ids, scores = self.router.scores(q, self.bank.routing_segments(), layer)
+        best = torch.topk(scores, min(k, scores.shape[0]))
+        ids = [int(doc_ids[i]) for i in best.indices]
+        pooled_k, pooled_v, _ = self.bank.load_content(ids, layer)
+        device = self.model.backbone.device
+        if device.type != "cpu":   # the cold tier stays in host memory; only the selected rows go over
+            pooled_k, pooled_v = (t.pin_memory().to(device, non_blocking=True) for t in (pooled_k, pooled_v))
+        return ids, best.values.tolist(), pooled_k, pooled_v
+
     # --- stage 3 ------------------------------------------------------------------------------------------
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None) -> list[int]:
@@ -115,7 +140,7 @@ class Engine:
         backbone = self.model.backbone
         doc_ids = [h.document.doc_id for h in hits]
         memory = Memory({layer: self.bank.load_content(doc_ids, layer)[:2] for layer in self.bank.settings["content_layers"]})
-        cache = KVCache.from_prefix(self.bank.template_kv(), backbone.cfg.n_layers, backbone.dtype)
+        cache = KVCache.from_prefix(self.bank.template_kv(), backbone.cfg.n_layers, backbone.dtype, backbone.device)
         return Decoder(backbone).generate(question_ids, cache=cache, start_position=cache.length + len(hits),
                                           max_new_tokens=max_new_tokens, memory=memory,
                                           stop_ids=stop_ids(self.model.tokenizer), on_token=on_token,
@@ -127,15 +152,23 @@ def bank_settings(model: Model, router: RouterSpec) -> dict:
     cfg = model.backbone.cfg
     return {
         "model": model.identity,
-        "pooling": defaults.POOLING,
-        "content_layers": list(range(cfg.n_layers // 2, cfg.n_layers)),  # MSA's router layers: the upper half
+        "pooling": model.msa.pooling if model.msa else defaults.POOLING,
+        # MSA's router layers: the checkpoint's, else the upper half
+        "content_layers": list(model.msa.router_layers) if model.msa else list(range(cfg.n_layers // 2, cfg.n_layers)),
         "dtype": str(BANK_DTYPE).removeprefix("torch."),
         "kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
-        "document_template": "<|im_start|>{text}<|im_end|>",
+        "document_template": MSA_DOCUMENT if model.msa else "<|im_start|>{text}<|im_end|>",
         "template_head": TEMPLATE_HEAD,
         "router": router.describe(),
     }
+
+
+def document_tokens(model: Model, text: str, doc_id: int) -> list[int]:
+    """A memory document's tokens as stage 1 encodes them."""
+    if model.msa:
+        return model.tokenizer(MSA_DOCUMENT.format(id=doc_id, text=text), add_special_tokens=False).input_ids
+    return document_ids(model.tokenizer, text)
 
 
 def reindex(model: Model, bank_path: Path, spec: RouterSpec, on_tokens=None) -> bool:
@@ -147,13 +180,13 @@ def reindex(model: Model, bank_path: Path, spec: RouterSpec, on_tokens=None) -> 
         bank.check_settings({**settings, "router": bank.settings["router"]})   # the same model and layout
         if bank.settings["router"]["id"] == spec.id:
             return False
-        router = Router(spec)
+        router = Router(spec, model.backbone.device)
 
         def compute_keys(docs: list[Document]):
             if not docs:   # a segment whose documents were all removed keeps an empty key file
                 d = spec.proj[spec.layers[0]][1].shape[1] if spec.proj else model.backbone.cfg.head_dim
                 return torch.zeros(0, len(spec.key_heads), d, dtype=BANK_DTYPE), []
-            token_ids = [document_ids(model.tokenizer, d.text) for d in docs]
+            token_ids = [document_tokens(model, d.text, d.doc_id) for d in docs]
             encoded = encode(model.backbone, token_ids, [], router, settings["pooling"], BANK_DTYPE,
                              defaults.PACK_TOKENS, on_pack=on_tokens)
             return encoded.route_keys, encoded.key_counts
@@ -163,16 +196,17 @@ def reindex(model: Model, bank_path: Path, spec: RouterSpec, on_tokens=None) -> 
 
 
 def stored_router(bank: Bank, model: Model) -> RouterSpec:
-    """The router whose keys the bank holds: its stored weights, else (banks made before routers were stored
-    with them) a shipped router or MSA's default with the same id."""
+    """The router whose keys the bank holds: an MSA checkpoint's own (its weights are the model's), else its
+    stored weights, else (banks made before routers were stored with them) a shipped router or MSA's default
+    with the same id."""
     wanted = bank.settings["router"]["id"]
-    if bank.router_weights:
-        spec = load_spec(bank.router_weights)
-        if spec.id == wanted:
-            return spec
     cfg = model.backbone.cfg
-    known = [load_spec(p) for p in shipped_routers(model).values()]
-    for spec in [*known, msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)]:
+    if model.msa:
+        candidates = [checkpoint_spec(model, score) for score in ("dot", "cosine")]
+    else:
+        candidates = [load_spec(bank.router_weights)] if bank.router_weights else []
+        candidates += [load_spec(p) for p in shipped_routers(model).values()]
+    for spec in [*candidates, msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)]:
         if spec.id == wanted:
             return spec
     raise BankMismatch(f"bank {bank.path} was indexed with router {wanted}, whose weights are not here "

@@ -35,10 +35,17 @@ def model_spec() -> str:
     return os.environ.get("MSA_MODEL") or DEFAULT_MODEL
 
 
-def compute_dtype() -> torch.dtype:
-    """bf16 where the CPU computes it natively (AVX512-BF16 / AMX), else fp32; MSA_DTYPE overrides."""
+def device() -> str:
+    """Where the model computes: "cpu" (default) or "cuda"; MSA_DEVICE or --device chooses."""
+    return os.environ.get("MSA_DEVICE") or "cpu"
+
+
+def compute_dtype(on: str = "cpu") -> torch.dtype:
+    """bf16 on a GPU, and on a CPU that computes it natively (AVX512-BF16 / AMX); else fp32. MSA_DTYPE overrides."""
     name = os.environ.get("MSA_DTYPE")
     if name:
         return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
                 "fp32": torch.float32}[name]
+    if on.startswith("cuda"):
+        return torch.bfloat16
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32

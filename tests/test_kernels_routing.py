@@ -73,6 +73,14 @@ def test_triton_kernel_int64_doc_ids_and_strided_keys():
     torch.testing.assert_close(got, route_scores_torch(q, keys, key_doc, n_docs), atol=1e-5, rtol=0)
 
 
+def test_triton_kernel_reads_one_layers_heads_out_of_a_multi_layer_key_tensor():
+    # An MSA checkpoint's bank holds every router layer's key heads side by side; each layer routes on its own.
+    q, keys, key_doc, n_docs = make_inputs(4, 50, 8, 2, 64, 12, dtype=torch.bfloat16, shuffled=False)
+    stacked = torch.cat([torch.randn_like(keys), keys, torch.randn_like(keys)], dim=1)   # [N, 3 * Hk, d]
+    got = route_scores_triton(q, stacked[:, 2:4], key_doc, n_docs)
+    torch.testing.assert_close(got, route_scores_torch(q, keys, key_doc, n_docs), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("impl", [route_scores_torch, route_scores_triton])
 @pytest.mark.parametrize("n_tokens, n_keys", [(0, 10), (3, 0)])
 def test_kernel_empty_inputs_give_minus_inf(impl, n_tokens, n_keys):

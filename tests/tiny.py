@@ -64,3 +64,74 @@ def save_tiny_model(directory, seed: int = 0):
     tok.save_pretrained(directory)
     (directory / "msa-model.json").write_text(json.dumps({"name": "tiny-test"}))
     return directory
+
+
+# --- a tiny checkpoint in the layout of the released MSA-4B (model/msa_checkpoint.py) --------------------------
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>"]
+
+
+def tiny_qwen_tokenizer():
+    """Byte-level BPE with Qwen3's chat special tokens; "user" is one token, so the template head
+    "<|im_start|>user\\n" is 3 tokens as in Qwen3. "<End-of-Retrieve>" is one ordinary (non-special) token, so a
+    test model can write it in one step; MSA reads it from the decoded text either way."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    words = ["us", "use", "user"]
+    vocab = {token: i for i, token in enumerate(QWEN_SPECIAL_TOKENS + alphabet + words)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("u", "s"), ("us", "e"), ("use", "r")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=QWEN_SPECIAL_TOKENS)
+    tok.add_tokens([AddedToken("<End-of-Retrieve>", special=False, normalized=False)])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+MSA_CONFIG = {
+    # MSA-4B's msa_config (digest §0) scaled down: router layers = the upper half, small top-k and chunks.
+    "router_layer_idx": "2,3", "top_k_docs": 2, "pooling_kernel_size": 4, "decouple_router": True,
+    "aux_loss_method": "INFONCE_DECOUPLE", "head_reduce_method": "mean", "query_reduce_method": "max",
+    "chunk_reduce_method": "max", "decouple_pooling_mode": "mean", "infonce_loss_temp": 0.1, "aux_loss": True,
+    "lmloss_weigth": 1.0, "auxloss_weight": 0.1, "recloss_weight": 0.0, "ansloss_weight": 1.0,
+    "rewrite_position": True,
+}
+
+
+def save_tiny_msa_checkpoint(directory, seed: int = 0, msa_config: dict | None = None, tie: bool = True,
+                             edit=None):
+    """A tiny Qwen3 with router projections, saved exactly as MSA-4B is laid out: config.json with
+    model_type "msa" and msa_config, weights with model.layers.{i}.self_attn.router_{q,k}_proj.0.weight in the
+    router layers, a tokenizer with Qwen's special tokens. edit(state, tokenizer) may change weights first."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tok = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    config = Qwen3Config(**{**COMMON, "vocab_size": len(tok), "tie_word_embeddings": tie}, head_dim=16,
+                         rope_theta=5e6)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    state = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+    if tie:
+        del state["lm_head.weight"]   # tied, as in Qwen3-4B: the file holds the embedding only
+    msa = {**MSA_CONFIG, **(msa_config or {})}
+    d, hq, hk = 16, COMMON["num_attention_heads"], COMMON["num_key_value_heads"]
+    for layer in [int(x) for x in str(msa["router_layer_idx"]).split(",")]:
+        a = f"model.layers.{layer}.self_attn."
+        state[a + "router_q_proj.0.weight"] = 0.1 * torch.randn(hq * d, COMMON["hidden_size"])
+        state[a + "router_k_proj.0.weight"] = 0.1 * torch.randn(hk * d, COMMON["hidden_size"])
+    if edit:
+        edit(state, tok)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, directory / "model.safetensors")
+    raw = config.to_dict()
+    raw.update({"model_type": "msa", "architectures": ["MSAForCausalLM"], "msa_config": msa})
+    (directory / "config.json").write_text(json.dumps(raw, indent=2))
+    tok.save_pretrained(directory)
+    config_file = directory / "tokenizer_config.json"   # Qwen3's tokenizer class, as in MSA-4B
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer_class": "Qwen2Tokenizer"}))
+    return directory

@@ -264,6 +264,11 @@ class Bank:
                 "tokens": sum(d.n_tokens for d in docs), "chunks": sum(d.chunk_count for d in docs),
                 "keys": sum(d.key_count for d in docs), "bytes_on_disk": sizes}
 
+    @property
+    def next_doc_id(self) -> int:
+        """The id the next appended document gets (ids are never reused). Stable while the writer lock is held."""
+        return self._manifest["next_doc_id"]
+
     def routing_segments(self) -> list[RoutingSegment]:
         tombstones = torch.tensor(self._manifest["tombstones"], dtype=torch.int64)
         return [RoutingSegment(name=seg.name, keys=seg.keys, key_doc=seg.key_doc, doc_ids=seg.doc_ids,

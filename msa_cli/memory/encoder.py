@@ -28,6 +28,7 @@ class Encoded:
     chunk_counts: list[int]
     route_keys: Tensor                          # [K, Hr, d], K = sum(key_counts)
     key_counts: list[int]
+    first_doc_id: int | None = None             # the id the first document was encoded with, if ids are in the text
 
 
 def document_ids(tokenizer, text: str) -> list[int]:
@@ -99,11 +100,12 @@ def encode_pack(backbone: Backbone, docs: list[list[int]], content_layers: list[
 
     chunk_counts = ((lengths + pooling - 1) // pooling).tolist()
     chunk_of_token = chunk_index(token_doc, positions, chunk_counts, pooling)
-    pooled = {layer: (mean_by(k, chunk_of_token, sum(chunk_counts)).to(out_dtype),
-                      mean_by(v, chunk_of_token, sum(chunk_counts)).to(out_dtype))
+    # The bank is on the CPU: so are the outputs, whatever device computed them.
+    pooled = {layer: (mean_by(k, chunk_of_token, sum(chunk_counts)).to("cpu", out_dtype),
+                      mean_by(v, chunk_of_token, sum(chunk_counts)).to("cpu", out_dtype))
               for layer, (k, v) in content.items()}
     keys, key_counts = router.keys(k_pre, token_doc, len(docs))
-    return Encoded(pooled, chunk_counts, keys.to(out_dtype), key_counts)
+    return Encoded(pooled, chunk_counts, keys.to("cpu", out_dtype), key_counts)
 
 
 def per_document_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[int]) -> Tensor:
@@ -124,8 +126,10 @@ def chunk_index(token_doc: Tensor, positions: Tensor, chunk_counts: list[int], p
 
 
 def mean_by(x: Tensor, group: Tensor, n_groups: int) -> Tensor:
-    """Mean of x [T, ...] over tokens of each group, accumulated in fp32 (a partial group over its real size)."""
-    sums = torch.zeros(n_groups, *x.shape[1:]).index_add_(0, group, x.float())
+    """Mean of x [T, ...] over tokens of each group, accumulated in fp32 (a partial group over its real size).
+    x may live on any device; group [T] is on the CPU."""
+    group = group.to(x.device)
+    sums = torch.zeros(n_groups, *x.shape[1:], device=x.device).index_add_(0, group, x.float())
     counts = torch.bincount(group, minlength=n_groups).clamp(min=1).float()
     return sums / counts.view(-1, *([1] * (x.dim() - 1)))
 
@@ -140,7 +144,7 @@ def template_kv(backbone: Backbone, tokenizer, out_dtype: torch.dtype) -> dict[i
     for i in range(backbone.cfg.n_layers):
         q, k, v = backbone.qkv(i, h)
         q, k = backbone.rope(q, positions), backbone.rope(k, positions)
-        out[i] = (k.to(out_dtype).contiguous(), v.to(out_dtype).contiguous())
+        out[i] = (k.to("cpu", out_dtype).contiguous(), v.to("cpu", out_dtype).contiguous())
         h = backbone.finish_layer(i, h, per_document_attention(q, k, v, [ids.shape[0]]))
     return out
 

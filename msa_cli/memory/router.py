@@ -10,10 +10,15 @@ A router turns each routing layer's token states into unit vectors in a few head
 - "learned" is MSA's router (digest §1.4, §5): per routing layer, `router_q_proj` / `router_k_proj` map the
   layer's normalised input [T, D] to Hr heads of size d; trained by `msa train-router` (router_training.py).
 
-Either way, keys average `granularity` tokens (a document's first token, an attention sink with an outsized
-state, left out) and the score is MSA's (Eq. 2): cosine per head, mean over heads, max over question tokens,
-max over a document's keys; then top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU, torch
-here). The settings and weights are recorded with the bank, apart from the layers that keep pooled content K/V,
+- "msa" is an MSA checkpoint's own router (model/msa_checkpoint.py): its `router_q_proj` / `router_k_proj` in
+  every router layer, with Hq query heads over Hk key heads (GQA). Each layer routes on its own (digest §1.5),
+  and keys pool the same 64-token chunks as the content K/V, first token included. `score` is "dot", the
+  released inference (scaled dot product, digest §1.4 D1), or "cosine", the paper's and the training's.
+
+Native and learned keys average `granularity` tokens (a document's first token, an attention sink with an
+outsized state, left out) and the score is MSA's (Eq. 2): cosine per head, mean over heads, max over question
+tokens, max over a document's keys; then top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU,
+torch here). The settings and weights are recorded with the bank, apart from the layers that keep pooled content K/V,
 so a new router only recomputes the hot tier (`msa reindex`), never the content.
 """
 
@@ -42,9 +47,11 @@ class RouterSpec:
     heads: tuple[tuple[int, int], ...]     # (layer, query head) pairs that route; their KV heads give the keys
     group: int                             # query heads per KV head (GQA): query head h reads KV head h // group
     granularity: int = 64                  # tokens per routing key
-    kind: str = "native"                   # or "learned": heads are then (layer, router head), group 1
-    # Learned projections: layer -> (router_q_proj [Hr, d, D], router_k_proj [Hr, d, D]), fp32.
+    kind: str = "native"                   # "learned": heads are (layer, router head), group 1; or "msa"
+    # Projections: layer -> (router_q_proj [Hq, d, D], router_k_proj [Hk, d, D]); Hq = Hk (group 1) if learned.
     proj: dict[int, tuple[Tensor, Tensor]] | None = field(default=None, compare=False)
+    score: str = "cosine"                  # kind "msa" only: "dot" (MSA-4B's inference) or "cosine"
+    checkpoint: str = ""                   # kind "msa" only: the checkpoint's weights hash (its weights stay there)
     # Centring vectors (fp32): mean_key [Hr, d] per key head (in `key_heads` order), mean_query [len(heads), d].
     mean_key: Tensor | None = field(default=None, compare=False)
     mean_query: Tensor | None = field(default=None, compare=False)
@@ -67,7 +74,10 @@ class RouterSpec:
         return h.hexdigest()[:16]
 
     def tensors(self) -> dict[str, Tensor]:
-        """The router's weights by name (what its file holds), fp32 and contiguous."""
+        """The router's weights by name (what its file holds), fp32 and contiguous. An MSA checkpoint's router
+        (0.9 GB in fp32 for MSA-4B) is part of the checkpoint: its hash, in describe(), stands for it."""
+        if self.kind == "msa":
+            return {}
         out = {}
         for layer, (q, k) in sorted((self.proj or {}).items()):
             out[f"q_proj.{layer}"], out[f"k_proj.{layer}"] = q, k
@@ -79,6 +89,8 @@ class RouterSpec:
     def describe(self, with_id: bool = True) -> dict:
         d = {"kind": self.kind, "heads": [list(p) for p in self.heads], "group": self.group,
              "granularity": self.granularity, "centred": self.mean_key is not None}
+        if self.kind == "msa":
+            d |= {"score": self.score, "checkpoint": self.checkpoint}
         if with_id:
             d["id"] = self.id
         return d
@@ -90,6 +102,14 @@ def msa_default_spec(n_layers: int, n_heads: int, n_kv_heads: int) -> RouterSpec
                       group=n_heads // n_kv_heads)
 
 
+def checkpoint_spec(model, score: str = "dot") -> RouterSpec:
+    """An MSA checkpoint's router: every query head of every router layer, keys in the content's chunks."""
+    msa, cfg = model.msa, model.backbone.cfg
+    return RouterSpec(heads=tuple((layer, h) for layer in msa.router_layers for h in range(cfg.n_heads)),
+                      group=cfg.n_heads // cfg.n_kv_heads, granularity=msa.pooling, kind="msa",
+                      proj=msa.router_proj, score=score, checkpoint=model.identity["weights_sha256"])
+
+
 def shipped_routers(model) -> dict[str, Path]:
     """The routers shipped for this model's weights, by kind ("learned", "native")."""
     prefix = model.identity["weights_sha256"][:16]
@@ -97,8 +117,10 @@ def shipped_routers(model) -> dict[str, Path]:
 
 
 def default_router(model) -> RouterSpec:
-    """The best router measured for this model (BENCHMARKS.md): the shipped learned one, else the shipped
-    native one, else MSA's default."""
+    """An MSA checkpoint's own router (scoring as the released inference does); for other models the best router
+    measured (BENCHMARKS.md): the shipped learned one, else the shipped native one, else MSA's default."""
+    if model.msa:
+        return checkpoint_spec(model)
     shipped = shipped_routers(model)
     for kind in ("learned", "native"):
         if kind in shipped:
@@ -109,11 +131,13 @@ def default_router(model) -> RouterSpec:
 
 def named_router(model, name: str) -> RouterSpec:
     """A router by name: 'default', a shipped kind ('learned', 'native'), 'msa' (MSA's own native choice) or a
-    router file (from `msa train-router`)."""
+    router file (from `msa train-router`); for an MSA checkpoint, 'dot' or 'cosine' (its router, scored so)."""
     cfg = model.backbone.cfg
     shipped = shipped_routers(model)
     if name == "default":
         return default_router(model)
+    if model.msa and name in ("dot", "cosine"):
+        return checkpoint_spec(model, name)
     if name == "msa":
         return msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
     if name in shipped:
@@ -149,7 +173,8 @@ def load_spec(path: Path) -> RouterSpec:
     proj = {int(name.split(".")[1]): (tensors[name], tensors[name.replace("q_proj", "k_proj")])
             for name in tensors if name.startswith("q_proj.")}
     return RouterSpec(heads=tuple(tuple(p) for p in d["heads"]), group=d["group"], granularity=d["granularity"],
-                      kind=d["kind"], proj=proj or None,
+                      kind=d["kind"], proj=proj or None, score=d.get("score", "cosine"),
+                      checkpoint=d.get("checkpoint", ""),
                       mean_key=tensors.get("mean_key"), mean_query=tensors.get("mean_query"))
 
 
@@ -160,25 +185,28 @@ def read_about(path: Path) -> dict:
 
 
 class Router:
-    def __init__(self, spec: RouterSpec):
+    def __init__(self, spec: RouterSpec, device: str | torch.device = "cpu"):
         self.spec = spec
-        # Which stored key head each routing query head reads.
-        self.key_of_head = torch.tensor([spec.key_heads.index((layer, h // spec.group)) for layer, h in spec.heads])
+        self.device = torch.device(device)
+        # Projections in fp32 where the model computes.
+        self.proj = {layer: (q.to(self.device, torch.float32), k.to(self.device, torch.float32))
+                     for layer, (q, k) in (spec.proj or {}).items()}
+        self._keys_on_device: dict[str, Tensor] = {}   # segment name -> its keys, when the model is not on the CPU
 
     # --- per-token vectors of a routing layer --------------------------------------------------------------
 
     def key_input(self, layer: int, x: Tensor, k: Tensor) -> Tensor:
         """What a routing layer contributes to document keys: x [T, D] is the layer's normalised input, k
-        [T, Hk, d] its pre-RoPE keys. Native routers read k; learned ones project x -> [T, Hr, d]."""
-        return k if self.spec.proj is None else self._project(x, self.spec.proj[layer][1])
+        [T, Hk, d] its pre-RoPE keys. Native routers read k; learned and MSA ones project x -> [T, Hk, d]."""
+        return k if not self.proj else self._project(x, self.proj[layer][1])
 
-    def query_input(self, layer: int, x: Tensor, q: Tensor) -> Tensor:
+    def query_input(self, layer: int, x: Tensor, q: Tensor | None) -> Tensor:
         """As key_input, for question tokens: q [T, Hq, d] is the layer's pre-RoPE queries."""
-        return q if self.spec.proj is None else self._project(x, self.spec.proj[layer][0])
+        return q if not self.proj else self._project(x, self.proj[layer][0])
 
     @staticmethod
     def _project(x: Tensor, w: Tensor) -> Tensor:
-        """x [T, D], w [Hr, d, D] -> [T, Hr, d] in fp32."""
+        """x [T, D], w [H, d, D] -> [T, H, d] in fp32."""
         return F.linear(x.float(), w.flatten(0, 1)).view(x.shape[0], w.shape[0], w.shape[1])
 
     # --- keys (stage 1) -----------------------------------------------------------------------------------
@@ -187,57 +215,83 @@ class Router:
         """Routing keys of packed documents.
 
         k_pre: layer -> [T, H, d] its key_input for the packed tokens; token_doc [T]: each token's document
-        (0..n_docs-1, tokens of one document contiguous and in order). Returns keys [K, Hr, d] (fp32,
-        centred, unit length per head) in document order and the number of keys of each document.
+        (0..n_docs-1, tokens of one document contiguous and in order). Returns keys [K, Hr, d] (fp32) in
+        document order and the number of keys of each document. Cosine routers store unit keys (centred first,
+        if the router centres); an MSA router scoring with the dot product stores the raw chunk means.
         """
         selected = torch.stack([k_pre[layer][:, head] for layer, head in self.spec.key_heads], 1)  # [T, Hr, d]
-        keys, counts = chunk_means(selected, token_doc, n_docs, self.spec.granularity)
+        keys, counts = chunk_means(selected, token_doc, n_docs, self.spec.granularity,
+                                   skip_first=self.spec.kind != "msa")
         if self.spec.mean_key is not None:
-            keys = keys - self.spec.mean_key
-        return F.normalize(keys, dim=-1), counts
+            keys = keys - self.spec.mean_key.to(keys.device)
+        return (keys if self.spec.score == "dot" else F.normalize(keys, dim=-1)), counts
 
     # --- queries (stage 2) --------------------------------------------------------------------------------
 
-    def query(self, q_pre: dict[int, Tensor]) -> Tensor:
+    def query(self, q_pre: dict[int, Tensor], layer: int | None = None) -> Tensor:
         """q_pre: layer -> [T, H, d] its query_input for the routing tokens -> [T, Hr, d], one vector per key
-        head for the kernels (with G = 1).
+        head for the kernels (with G = 1). layer: only that layer's heads (an MSA router routes per layer).
 
-        The score is the mean over the routing query heads of cos(q_h, k_kv(h)). Because it is linear in the
-        normalised q_h, each key head's query heads fold into one vector: Hr/len(heads) times their sum, so that
-        the kernels' own mean over the Hr heads gives exactly that mean."""
-        q = torch.stack([q_pre[layer][:, head] for layer, head in self.spec.heads], 1).float()  # [T, n, d]
+        The score is the mean over the routing query heads of s(q_h, k_kv(h)), with s the cosine, or for an MSA
+        router scoring as released, the dot product scaled by d^-1/2. Because it is linear in q_h (normalised
+        for the cosine), each key head's query heads fold into one vector: Hr/len(heads) times their sum, so
+        that the kernels' own mean over the Hr heads gives exactly that mean."""
+        heads = [p for p in self.spec.heads if layer is None or p[0] == layer]
+        key_heads = [p for p in self.spec.key_heads if layer is None or p[0] == layer]
+        q = torch.stack([q_pre[lay][:, head] for lay, head in heads], 1).float()  # [T, n, d]
         if self.spec.mean_query is not None:
-            q = q - self.spec.mean_query
-        q = F.normalize(q, dim=-1)
-        n_keys = len(self.spec.key_heads)
-        folded = torch.zeros(q.shape[0], n_keys, q.shape[2]).index_add_(1, self.key_of_head, q)
-        return folded * (n_keys / len(self.spec.heads))
+            if layer is not None:
+                raise ValueError("a centred router routes all its layers together")
+            q = q - self.spec.mean_query.to(q.device)
+        q = q * q.shape[-1] ** -0.5 if self.spec.score == "dot" else F.normalize(q, dim=-1)
+        key_of_head = torch.tensor([key_heads.index((lay, h // self.spec.group)) for lay, h in heads],
+                                   device=q.device)
+        folded = torch.zeros(q.shape[0], len(key_heads), q.shape[2], device=q.device).index_add_(1, key_of_head, q)
+        return folded * (len(key_heads) / len(heads))
 
-    def scores(self, q: Tensor, segments) -> tuple[Tensor, Tensor]:
-        """Score every live document of the bank's routing segments -> (doc_ids [N], scores [N] fp32)."""
+    def scores(self, q: Tensor, segments, layer: int | None = None) -> tuple[Tensor, Tensor]:
+        """Score every live document of the bank's routing segments -> (doc_ids [N], scores [N] fp32, on the
+        CPU). layer: only that layer's keys (q from query(..., layer))."""
+        heads = slice(None)
+        if layer is not None:
+            at = [i for i, (lay, _) in enumerate(self.spec.key_heads) if lay == layer]
+            heads = slice(at[0], at[-1] + 1)
         ids, scores = [], []
         for seg in segments:
-            s = route_scores(q, seg.keys, seg.key_doc, seg.doc_ids.shape[0])
+            s = route_scores(q, self._keys(seg)[:, heads], seg.key_doc, seg.doc_ids.shape[0]).cpu()
             ids.append(seg.doc_ids[seg.live])
             scores.append(s[seg.live])
         if not ids:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0)
         return torch.cat(ids), torch.cat(scores)
 
+    def _keys(self, seg) -> Tensor:
+        """A segment's keys where the model computes: the memory-mapped file on the CPU; on a GPU, a copy made
+        once (the hot tier lives there, as in the paper), while content K/V stay in host memory."""
+        if self.device.type == "cpu":
+            return seg.keys
+        if seg.name not in self._keys_on_device:
+            self._keys_on_device[seg.name] = seg.keys.to(self.device)
+        return self._keys_on_device[seg.name]
 
-def chunk_means(x: Tensor, token_doc: Tensor, n_docs: int, g: int) -> tuple[Tensor, list[int]]:
+
+def chunk_means(x: Tensor, token_doc: Tensor, n_docs: int, g: int,
+                skip_first: bool = True) -> tuple[Tensor, list[int]]:
     """Means of packed documents' tokens x [T, ...] over runs of g tokens, in fp32 -> ([K, ...], keys per document).
-    Token 0 of a document is an attention sink with an outsized state: it is left out, so key j averages
-    tokens 1 + g*j .. g*(j+1) (the last one may be shorter)."""
+    With skip_first, token 0 of a document (an attention sink with an outsized state) is left out, so key j
+    averages tokens 1 + g*j .. g*(j+1); without, key j averages tokens g*j .. g*j + g-1, MSA's content chunks.
+    The last key may be shorter. x may live on any device; token_doc is on the CPU."""
+    skip = int(skip_first)
     rank = rank_in_doc(token_doc)
     lengths = torch.bincount(token_doc, minlength=n_docs)
-    counts = ((lengths - 1).clamp(min=0) + g - 1) // g
+    counts = ((lengths - skip).clamp(min=0) + g - 1) // g
     first_key = torch.cumsum(counts, 0) - counts
-    keep = rank > 0
-    key_of_token = first_key[token_doc[keep]] + (rank[keep] - 1) // g
+    keep = rank >= skip
+    key_of_token = (first_key[token_doc[keep]] + (rank[keep] - skip) // g).to(x.device)
     total = int(counts.sum())
-    sums = torch.zeros(total, *x.shape[1:]).index_add_(0, key_of_token, x[keep].float())
-    n = torch.zeros(total).index_add_(0, key_of_token, torch.ones(key_of_token.shape[0]))
+    sums = torch.zeros(total, *x.shape[1:], device=x.device).index_add_(0, key_of_token, x[keep.to(x.device)].float())
+    n = torch.zeros(total, device=x.device).index_add_(0, key_of_token,
+                                                        torch.ones(key_of_token.shape[0], device=x.device))
     return sums / n.view(-1, *([1] * (x.dim() - 1))), counts.tolist()
 
 

@@ -88,12 +88,13 @@ class Layer:
 class Backbone:
     """The weights of a decoder-only LM and the forward pieces MSA composes."""
 
-    def __init__(self, cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, state: dict[str, Tensor], dtype: torch.dtype, device: str = "cpu"):
         self.cfg = cfg
         self.dtype = dtype
+        self.device = torch.device(device)
 
         def w(name: str) -> Tensor:
-            return state[name].to(dtype).contiguous()
+            return state[name].to(device=self.device, dtype=dtype).contiguous()
 
         def maybe(name: str) -> Tensor | None:
             return w(name) if name in state else None
@@ -118,13 +119,13 @@ class Backbone:
                 w_down=w(p + "mlp.down_proj.weight"),
             ))
         d = cfg.head_dim
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        self.inv_freq = (1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).to(self.device)
 
     # --- pieces -------------------------------------------------------------------------------------------
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
-        """ids [T] -> hidden [T, D]"""
-        return self.embed[ids]
+        """ids [T] (on any device: bookkeeping stays on the CPU) -> hidden [T, D] on the model's device"""
+        return self.embed[ids.to(self.device)]
 
     def attn_input(self, i: int, h: Tensor) -> Tensor:
         """hidden [T, D] -> what layer i's attention projections read (after its input RMSNorm) [T, D]."""
@@ -145,7 +146,7 @@ class Backbone:
 
     def rope(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate x [T, H, d] by each token's position [T] (rotate-half convention, fp32 angles)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]           # [T, d/2]
+        freqs = positions.to(x.device).float()[:, None] * self.inv_freq[None, :]   # [T, d/2]
         cos = torch.cat([freqs.cos(), freqs.cos()], -1)[:, None, :].to(x.dtype)  # [T, 1, d]
         sin = torch.cat([freqs.sin(), freqs.sin()], -1)[:, None, :].to(x.dtype)
         half = x.shape[-1] // 2

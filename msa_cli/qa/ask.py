@@ -12,6 +12,7 @@ from .. import settings
 from ..engine import Engine
 from ..errors import MsaError, USAGE
 from .answer import memory_prompt, text_prompt
+from .generative import ask_generative
 from .interleave import Relevance, Retrieval, retrieve
 
 ABSTENTION = "Nothing in memory is relevant to this question, so I cannot answer it from memory."
@@ -34,10 +35,7 @@ class Answer:
     read: int                     # how many of the retrieved documents the model read (the rest did not fit)
     tokens: int                   # generated tokens
     timings: dict = field(default_factory=dict)
-
-    @property
-    def abstained(self) -> bool:
-        return self.retrieval.abstained
+    abstained: bool = False       # nothing in memory was relevant: text is the abstention
 
     def sources(self) -> list[dict]:
         """The documents the model read, numbered as in its prompt: what `[n]` in the answer refers to."""
@@ -49,7 +47,8 @@ class Answer:
     def to_json(self, engine: Engine) -> dict:
         return {"question": self.question, "answer": self.text, "abstained": self.abstained,
                 "sources": self.sources(),
-                "hops": [{"routing_text": h.routing_text, "selected": h.selected, "scores": h.scores, "best": h.best}
+                "hops": [{"routing_text": h.routing_text, "selected": h.selected, "scores": h.scores, "best": h.best,
+                          **({"layers": h.layers} if h.layers is not None else {})}
                          for h in self.retrieval.hops],
                 "model": engine.model.identity["name"], "router": engine.router.spec.describe(),
                 "timings": self.timings, "tokens": self.tokens}
@@ -60,6 +59,10 @@ def ask(engine: Engine, question: str, opts: Options, on_token: Callable[[int], 
     question = question.strip()
     if not question:
         raise MsaError("the question is empty", USAGE)
+    if engine.model.msa:   # an MSA checkpoint retrieves by itself, naming documents (qa/generative.py)
+        text, retrieval, tokens, seconds = ask_generative(engine, question, opts.hops, opts.max_tokens, on_token)
+        return Answer(question, text, retrieval, read=len(retrieval.hits), tokens=tokens,
+                      timings={"total_ms": ms(seconds)})
     t0 = time.perf_counter()
     retrieval = retrieve(engine.route, question, opts.top_k, opts.hops, relevance(engine), opts.abstain)
     return answer_from(engine, question, retrieval, opts, t0, on_token)
@@ -72,7 +75,8 @@ def answer_from(engine: Engine, question: str, retrieval: Retrieval, opts: Optio
     t1 = time.perf_counter()
     timings = {"route_ms": ms(t1 - t0)}
     if retrieval.abstained:
-        return Answer(question, ABSTENTION, retrieval, read=0, tokens=0, timings={**timings, "total_ms": ms(t1 - t0)})
+        return Answer(question, ABSTENTION, retrieval, read=0, tokens=0, timings={**timings, "total_ms": ms(t1 - t0)},
+                      abstained=True)
 
     first: list[float] = []
 

@@ -6,7 +6,9 @@ Two ways to give the model what the router selected:
 - pooled memory (MSA stage 3): in each content layer the local tokens also attend to the pooled K/V chunks
   of the selected documents; every layer starts from the template head's cached K/V (positions 0..2) and the
   query's positions start at 3 + k (digest §2).
-Both run through `Decoder.forward`, one layer loop; the memory, when there is one, is only an extra prefix
+- routed memory (an MSA checkpoint, qa/generative.py): as pooled memory, but each router layer picks its own
+  documents when the prefill reaches it, from its own routing query (digest §1.5, §3.2).
+All run through `Decoder.forward`, one layer loop; the memory, when there is one, is only an extra prefix
 in the content layers' attention.
 """
 
@@ -27,7 +29,7 @@ from ..model.backbone import Backbone
 
 @dataclass
 class KVCache:
-    """Per-layer K/V of the local sequence so far: k/v [T, Hk, d] after RoPE."""
+    """Per-layer K/V of the local sequence so far: k/v [T, Hk, d] after RoPE, on the model's device."""
     k: list[Tensor | None]
     v: list[Tensor | None]
     length: int = 0
@@ -37,10 +39,11 @@ class KVCache:
         return cls([None] * n_layers, [None] * n_layers)
 
     @classmethod
-    def from_prefix(cls, prefix: dict[int, tuple[Tensor, Tensor]], n_layers: int, dtype: torch.dtype) -> "KVCache":
+    def from_prefix(cls, prefix: dict[int, tuple[Tensor, Tensor]], n_layers: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> "KVCache":
         """A cache that starts with a precomputed prefix (the bank's template head) in every layer."""
-        k = [prefix[i][0].to(dtype) for i in range(n_layers)]
-        v = [prefix[i][1].to(dtype) for i in range(n_layers)]
+        k = [prefix[i][0].to(device, dtype) for i in range(n_layers)]
+        v = [prefix[i][1].to(device, dtype) for i in range(n_layers)]
         return cls(k, v, k[0].shape[0])
 
     def append(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,6 +56,10 @@ class KVCache:
 class Memory:
     """Pooled K/V of the selected documents for each content layer: layer -> (k [S, Hk, d], v [S, Hk, d])."""
     kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def layer(self, i: int, h: Tensor) -> tuple[Tensor, Tensor] | None:
+        """What layer i attends to besides the local tokens (h: its input, unused: the selection is fixed)."""
+        return self.kv.get(i)
 
 
 class Decoder:
@@ -68,9 +75,10 @@ class Decoder:
             q, k, v = b.qkv(i, h)
             q, k = b.rope(q, positions), b.rope(k, positions)
             k_all, v_all = cache.append(i, k, v)
-            if memory is not None and i in memory.kv:
-                k_mem, v_mem = memory.kv[i]
-                index = torch.arange(k_mem.shape[0])
+            selected = memory.layer(i, h) if memory is not None else None
+            if selected is not None:
+                k_mem, v_mem = selected
+                index = torch.arange(k_mem.shape[0], device=k_mem.device)
                 attn = memory_attention(q, k_all, v_all, k_mem.to(q.dtype), v_mem.to(q.dtype), index)
             else:
                 attn = local_attention(q, k_all, v_all)
@@ -80,8 +88,11 @@ class Decoder:
 
     def generate(self, prompt: list[int], *, cache: KVCache, start_position: int, max_new_tokens: int,
                  stop_ids: Iterable[int], memory: Memory | None = None,
-                 on_token: Callable[[int], None] | None = None, no_repeat_ngram: int = 0) -> list[int]:
-        """Greedy decoding: prefill the prompt, then one token at a time until a stop id or the budget.
+                 on_token: Callable[[int], None] | None = None, no_repeat_ngram: int = 0,
+                 stop_when: Callable[[list[int]], bool] | None = None) -> list[int]:
+        """Greedy decoding: prefill the prompt, then one token at a time until a stop id (left out of the output
+        and of the cache), stop_when(output so far) holds (its last token kept: the cache holds the whole output,
+        so decoding can go on from it), or the budget.
         no_repeat_ngram = n > 0 never lets the answer repeat an n-token run of itself (the prompt may be copied):
         small greedy models fall into loops, writing one line over and over."""
         stop = set(stop_ids)
@@ -94,7 +105,7 @@ class Decoder:
             if no_repeat_ngram and len(out) >= no_repeat_ngram - 1:
                 banned = seen.get(tuple(out[len(out) - no_repeat_ngram + 1:]))
                 if banned:
-                    logits = logits.index_fill(0, torch.tensor(sorted(banned)), float("-inf"))
+                    logits = logits.index_fill(0, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
             token = int(logits.argmax())
             if token in stop:
                 break
@@ -105,6 +116,8 @@ class Decoder:
                 on_token(token)
             logits = self.forward(torch.tensor([token]), torch.tensor([position]), cache, memory)
             position += 1
+            if stop_when is not None and stop_when(out):
+                break
         return out
 
 
@@ -112,6 +125,8 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal GQA attention of the last Tq tokens over the Tl cached ones (bottom-right aligned):
     q [Tq, Hq, d], k/v [Tl, Hk, d] -> [Tq, Hq, d]."""
     tq, tl = q.shape[0], k.shape[0]
+    # Causal within the new tokens, whatever their number (a multi-token block fed after decoding included: the
+    # reference's decode path lets such a block see its own future, digest §7 B6).
     mask = None if tq == 1 else causal_lower_right(tq, tl)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],

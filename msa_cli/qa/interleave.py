@@ -39,6 +39,7 @@ class Hop:
     selected: list[int]          # doc ids this hop added, best first
     scores: list[float]
     best: float | None           # the best new document's score, selected or not (None: nothing new to find)
+    layers: dict[int, list[int]] | None = None   # an MSA checkpoint's round: each router layer's own top-k
 
 
 @dataclass

@@ -1,0 +1,205 @@
+"""Answering with an MSA checkpoint: its own generative retrieval, Memory Interleave as it was trained (digest §4).
+
+A round prefills the transcript over memory. In every router layer the routing tokens (the instruction and the
+question, and the document text injected last) choose that layer's top-k documents, whose pooled K/V the layer
+attends to after the template head; the transcript's positions start at 3 + k (digest §1.6, §2). The model then
+writes the ids of the documents it wants, `[4]<|object_ref_end|>`, and their original text is injected for the
+next round; or it writes `<End-of-Retrieve>`, the question is restated, and it answers
+"The answer to the question is: ...".
+
+Where the reference implementation is fragile (digest §7), this does what the paper describes instead:
+- rounds are capped (`hops`; B9): at the cap the question is restated and the model must answer;
+- a block fed after decoding (the restatement) attends causally within itself (B6: qa.generate.local_attention);
+- a layer selects at most as many documents as are live, so no padding slot is ever read (B8: Engine.select);
+- each piece of the transcript is tokenized on its own, so which tokens route is exact (B10);
+- only ids the model wrote in this round's reply are read, never numbers inside injected text (B11).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..engine import Engine, Hit, stop_ids
+from .generate import Decoder, KVCache
+from .interleave import Hop, Retrieval
+
+INSTRUCTION = "\nPlease answer the question based on the above historical document information\n\n"
+RETURN_DOCUMENTS = "\nPlease return all documents related to the question\n"
+TEMPLATE_TAIL = "<|im_end|>\n"
+RESPONSE_HEAD = "<|im_start|>"      # no "assistant\n" role line: the model starts right after it (digest §1.7)
+REF_END = "<|object_ref_end|>"
+END_OF_RETRIEVE = "<End-of-Retrieve>"
+RESTATEMENT = "<|im_start|>The user's question is: {question}\n<|object_ref_end|>"
+ANSWER_LEAD = "The answer to the question is:"
+ROUND_TOKENS = 64   # most tokens a retrieval round may write: ids are short (the reference gives up at 1000 chars)
+DOC_ID = re.compile(r"\[(\d+)\]")
+
+
+@dataclass
+class Piece:
+    """A part of the transcript: its tokens, and whether they route (doc_ids 0 in the reference)."""
+    ids: list[int]
+    routes: bool
+
+
+class RoutedMemory:
+    """What the router layers attend to in one round: each layer selects its documents when the prefill reaches
+    it, from its own routing query, and keeps them for every token decoded after (no re-routing in decode)."""
+
+    def __init__(self, engine: Engine, route_mask: Tensor, top_k: int):
+        self.engine, self.route_mask, self.top_k = engine, route_mask, top_k
+        self.layers = set(engine.bank.settings["content_layers"])
+        self.selected: dict[int, list[int]] = {}      # layer -> doc ids, best first
+        self.scores: dict[int, list[float]] = {}
+        self._kv: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def layer(self, i: int, h: Tensor) -> tuple[Tensor, Tensor] | None:
+        if i not in self.layers:
+            return None
+        if i not in self._kv:   # the prefill: h holds exactly the transcript's tokens
+            x = self.engine.model.backbone.attn_input(i, h[self.route_mask.to(h.device)])
+            ids, scores, k, v = self.engine.select(i, x, self.top_k)
+            self.selected[i], self.scores[i], self._kv[i] = ids, scores, (k, v)
+        return self._kv[i]
+
+
+class Round:
+    """One prefill of the transcript over memory, then greedy decoding, which can go on after a fed block."""
+
+    def __init__(self, engine: Engine, pieces: list[Piece]):
+        backbone = engine.model.backbone
+        self.prompt = [t for p in pieces for t in p.ids]
+        mask = torch.tensor([p.routes for p in pieces for _ in p.ids], dtype=torch.bool)
+        self.memory = RoutedMemory(engine, mask, engine.model.msa.top_k)
+        self.cache = KVCache.from_prefix(engine.bank.template_kv(), backbone.cfg.n_layers, backbone.dtype,
+                                         backbone.device)
+        # 3 + k whatever the number of documents selected: what the model was trained with (digest §2)
+        self.position = self.cache.length + engine.model.msa.top_k
+        self.decoder = Decoder(backbone)
+        self.stop = stop_ids(engine.model.tokenizer)
+
+    def write(self, max_new_tokens: int, feed: list[int] = (), stop_when=None, on_token=None) -> list[int]:
+        """Prefill (first call) or feed `feed`, then decode greedily."""
+        prompt = self.prompt + list(feed) if self.prompt else list(feed)
+        if self.prompt and feed:   # fed tokens never route
+            self.memory.route_mask = torch.cat([self.memory.route_mask, torch.zeros(len(feed), dtype=torch.bool)])
+        self.prompt = []
+        out = self.decoder.generate(prompt, cache=self.cache, start_position=self.position,
+                                    max_new_tokens=max_new_tokens, stop_ids=self.stop, memory=self.memory,
+                                    stop_when=stop_when, on_token=on_token)
+        self.position += len(prompt) + len(out)   # all of out is in the cache (a stop id ends it, unkept)
+        return out
+
+
+def ask_generative(engine: Engine, question: str, max_rounds: int, max_tokens: int,
+                   on_token: Callable[[int], None] | None = None):
+    """The whole protocol for one question -> (answer text, Retrieval of the documents injected, generated
+    tokens, seconds). on_token sees the answer's tokens (not the retrieval rounds', nor the answer's lead)."""
+    tok = engine.model.tokenizer
+    stream = AfterLead(tok, on_token) if on_token else None
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False).input_ids
+
+    ref_end = tok.convert_tokens_to_ids(REF_END)
+    by_id = {d.doc_id: d for d in engine.bank.documents()}
+    pieces = [Piece(ids(INSTRUCTION + question + RETURN_DOCUMENTS), True), Piece(ids(TEMPLATE_TAIL), False),
+              Piece(ids(RESPONSE_HEAD), False)]
+    retrieval, tokens, read = Retrieval(), 0, set()
+    t0 = time.perf_counter()
+
+    def retrieval_done(out: list[int]) -> bool:
+        return out[-1] == ref_end or END_OF_RETRIEVE in tok.decode(out[-8:])
+
+    answer: list[int] | None = None
+    for hop in range(1, max_rounds + 1):
+        current = Round(engine, pieces)
+        reply = current.write(ROUND_TOKENS, stop_when=retrieval_done)
+        tokens += len(reply)
+        pieces.append(Piece(reply, False))
+        text = tok.decode(reply)
+        routed = current.memory
+        retrieval.hops.append(Hop(routing_text=tok.decode([t for p in pieces if p.routes for t in p.ids]),
+                                  selected=[], scores=[],
+                                  best=max((s[0] for s in routed.scores.values() if s), default=None),
+                                  layers={layer: routed.selected[layer] for layer in sorted(routed.selected)}))
+        if END_OF_RETRIEVE in text or (len(reply) >= ROUND_TOKENS and reply[-1] != ref_end):   # answer now
+            restated = ids(RESTATEMENT.format(question=question))
+            pieces.append(Piece(restated, False))
+            answer = current.write(max_tokens, feed=restated, on_token=stream)
+            tokens += len(answer)
+            break
+        if reply[-1:] != [ref_end]:   # it answered without retrieving (stopped at <|im_end|>)
+            answer = reply
+            for t in reply if stream else ():
+                stream(t)
+            break
+        # unknown ids are dropped, as in the reference; so are ids it has read already
+        new = [i for i in sorted({int(m) for m in DOC_ID.findall(text)}) if i in by_id and i not in read]
+        if not new:
+            break                     # it named nothing new to read: answer from what it has
+        retrieval.hops[-1].selected = new
+        retrieval.hops[-1].scores = [_layer_share(routed, i) for i in new]
+        for i in new:
+            retrieval.hits.append(Hit(by_id[i], _layer_share(routed, i), _best_score(routed, i)))
+            retrieval.hop_of.append(hop)
+        read |= set(new)
+        block = "".join(f"[{i}]. {by_id[i].text}\n" for i in new) + REF_END
+        for p in pieces:              # only the question and the block just read route (digest §4.2)
+            p.routes = p is pieces[0]
+        pieces.append(Piece(ids(block), True))
+    if answer is None:                # the round cap, or nothing new named: restate, prefill once more, answer
+        pieces.append(Piece(ids(RESTATEMENT.format(question=question)), False))
+        answer = Round(engine, pieces).write(max_tokens, on_token=stream)
+        tokens += len(answer)
+    return final_answer(tok.decode(answer, skip_special_tokens=True)), retrieval, tokens, time.perf_counter() - t0
+
+
+class AfterLead:
+    """Passes the answer's tokens on once they are past the lead "The answer to the question is:" (or clearly
+    not it), so a terminal shows what `final_answer` returns."""
+
+    def __init__(self, tokenizer, on_token: Callable[[int], None]):
+        self.tokenizer, self.on_token = tokenizer, on_token
+        self.held: list[int] = []
+        self.passing = False
+
+    def __call__(self, token: int) -> None:
+        if self.passing:
+            self.on_token(token)
+            return
+        self.held.append(token)
+        text = self.tokenizer.decode(self.held, skip_special_tokens=True).lstrip()
+        if text.startswith(ANSWER_LEAD):
+            self.passing = True                      # the lead itself is not shown
+            rest = text[len(ANSWER_LEAD):]
+            if rest.strip():                         # a token that ends the lead and starts the answer
+                for t in self.tokenizer(rest, add_special_tokens=False).input_ids:
+                    self.on_token(t)
+        elif not ANSWER_LEAD.startswith(text):
+            self.passing = True
+            for t in self.held:
+                self.on_token(t)
+
+
+def final_answer(text: str) -> str:
+    """The text after the last "The answer to the question is:", as the reference's evaluator reads it; the
+    whole reply when the model did not use that form."""
+    return text.rsplit(ANSWER_LEAD, 1)[-1].strip()
+
+
+def _layer_share(memory: RoutedMemory, doc_id: int) -> float:
+    """The share of router layers whose top-k held the document: how strongly the memory pointed at it."""
+    return round(sum(doc_id in ids for ids in memory.selected.values()) / max(1, len(memory.selected)), 4)
+
+
+def _best_score(memory: RoutedMemory, doc_id: int) -> float:
+    """The document's best routing score over the layers that selected it (0 when none did)."""
+    return max((s for layer, ids in memory.selected.items() for i, s in zip(ids, memory.scores[layer])
+                if i == doc_id), default=0.0)
