@@ -86,8 +86,8 @@ class Round:
 
     def write(self, max_new_tokens: int, feed: list[int] = (), stop_when=None, on_token=None) -> list[int]:
         """Prefill (first call) or feed `feed`, then decode greedily."""
-        prompt = self.prompt + list(feed) if self.prompt else list(feed)
-        if self.prompt and feed:   # fed tokens never route
+        prompt = self.prompt + list(feed)
+        if self.prompt and feed:   # fed with the prefill: fed tokens never route
             self.memory.route_mask = torch.cat([self.memory.route_mask, torch.zeros(len(feed), dtype=torch.bool)])
         self.prompt = []
         out = self.decoder.generate(prompt, cache=self.cache, start_position=self.position,
@@ -144,11 +144,10 @@ def ask_generative(engine: Engine, question: str, max_rounds: int, max_tokens: i
         new = [i for i in sorted({int(m) for m in DOC_ID.findall(text)}) if i in by_id and i not in read]
         if not new:
             break                     # it named nothing new to read: answer from what it has
-        retrieval.hops[-1].selected = new
-        retrieval.hops[-1].scores = [_layer_share(routed, i) for i in new]
-        for i in new:
-            retrieval.hits.append(Hit(by_id[i], _layer_share(routed, i), _best_score(routed, i)))
-            retrieval.hop_of.append(hop)
+        shares = [_layer_share(routed, i) for i in new]
+        retrieval.hops[-1].selected, retrieval.hops[-1].scores = new, shares
+        retrieval.hits += [Hit(by_id[i], share, _best_score(routed, i)) for i, share in zip(new, shares)]
+        retrieval.hop_of += [hop] * len(new)
         read |= set(new)
         block = "".join(f"[{i}]. {by_id[i].text}\n" for i in new) + REF_END
         for p in pieces:              # only the question and the block just read route (digest §4.2)
