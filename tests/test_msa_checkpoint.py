@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from msa_cli.corpus.splitter import Passage
 from msa_cli.engine import Engine, reindex
 from msa_cli.errors import ModelUnavailable
-from msa_cli.memory.router import named_router
+from msa_cli.memory.router import default_router, named_router
 from msa_cli.model.loading import load_model
 from msa_cli.model.msa_checkpoint import read_config
 from msa_cli.qa import generative
@@ -165,6 +165,12 @@ def test_each_router_layer_selects_its_top_k_by_the_formula(checkpoint, model, t
     assert current.memory.selected[2] == best.indices.tolist()
     torch.testing.assert_close(torch.tensor(current.memory.scores[2]), best.values, atol=1e-4, rtol=1e-4)
     assert set(current.memory.selected) == {2, 3} and all(len(v) == 2 for v in current.memory.selected.values())
+
+
+@pytest.mark.parametrize("method, score", [("INFONCE_DECOUPLE", "dot"), ("INFONCE", "cosine")])
+def test_the_default_routing_score_is_the_one_the_reference_infers_with(tmp_path, method, score):
+    directory = save_tiny_msa_checkpoint(tmp_path / "ckpt", msa_config={"aux_loss_method": method})
+    assert default_router(load_model(str(directory))).score == score
 
 
 def test_a_layer_never_selects_more_documents_than_the_bank_holds(model, tmp_path):

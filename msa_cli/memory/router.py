@@ -102,9 +102,11 @@ def msa_default_spec(n_layers: int, n_heads: int, n_kv_heads: int) -> RouterSpec
                       group=n_heads // n_kv_heads)
 
 
-def checkpoint_spec(model, score: str = "dot") -> RouterSpec:
-    """An MSA checkpoint's router: every query head of every router layer, keys in the content's chunks."""
+def checkpoint_spec(model, score: str | None = None) -> RouterSpec:
+    """An MSA checkpoint's router: every query head of every router layer, keys in the content's chunks; scored
+    as the reference's inference scores that checkpoint unless `score` says otherwise."""
     msa, cfg = model.msa, model.backbone.cfg
+    score = score or msa.routing_score
     return RouterSpec(heads=tuple((layer, h) for layer in msa.router_layers for h in range(cfg.n_heads)),
                       group=cfg.n_heads // cfg.n_kv_heads, granularity=msa.pooling, kind="msa",
                       proj=msa.router_proj, score=score, checkpoint=model.identity["weights_sha256"])
@@ -117,7 +119,7 @@ def shipped_routers(model) -> dict[str, Path]:
 
 
 def default_router(model) -> RouterSpec:
-    """An MSA checkpoint's own router (scoring as the released inference does); for other models the best router
+    """An MSA checkpoint's own router (scoring as the reference's inference does); for other models the best router
     measured (BENCHMARKS.md): the shipped learned one, else the shipped native one, else MSA's default."""
     if model.msa:
         return checkpoint_spec(model)

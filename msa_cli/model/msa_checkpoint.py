@@ -37,6 +37,12 @@ class MsaSettings:
     # layer -> (router_q_proj [Hq, d, D], router_k_proj [Hk, d, D]), as stored (the checkpoint's dtype).
     router_proj: dict[int, tuple[Tensor, Tensor]]
 
+    @property
+    def routing_score(self) -> str:
+        """How the reference's inference scores this checkpoint (digest §1.4): it normalises the router vectors
+        only when aux_loss_method is exactly "INFONCE" (a cosine); otherwise, as for MSA-4B, a scaled dot product."""
+        return "cosine" if self.aux_loss_method == "INFONCE" else "dot"
+
 
 def is_msa_checkpoint(directory: Path) -> bool:
     try:
