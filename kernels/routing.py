@@ -6,13 +6,14 @@
 q and keys arrive L2-normalised per head, so each dot product is a cosine. The mean over the G query
 heads that share a key head is folded into q first (exact: the dot product is linear), which turns
 the scoring into one matmul [T, Hk*d] x [Hk*d, N]. Neither implementation ever holds [T, N] at once.
+
+The torch reference is here; the Triton kernel is in triton_routing.py, imported only when a Triton path is
+taken (GPU tensors, or MSA_KERNELS=triton), so this module imports without Triton (macOS has none).
 """
 
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 
 def _fold_query_heads(q: torch.Tensor, n_key_heads: int) -> torch.Tensor:
@@ -49,88 +50,12 @@ def route_scores_torch(q, keys, key_doc, n_docs, *, tile=65536) -> torch.Tensor:
     return doc_score
 
 
-@triton.jit
-def _route_scores_kernel(
-    qg_ptr,  # [T, D] fp32, contiguous; D = Hk * d
-    keys_ptr,  # [N, Hk, d], any strides
-    key_doc_ptr,  # [N] int32/int64
-    doc_score_ptr,  # [n_docs] fp32, pre-filled with -inf
-    n_tokens,
-    n_keys,
-    dim,
-    flat_dim,  # D
-    stride_kn,
-    stride_kh,
-    stride_kd,
-    BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # int64 key offsets: N * Hk * d passes 2**31 elements for large banks.
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_keys
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_j = tl.arange(0, BLOCK_D)  # position in the flattened (head, dim) axis
-
-    chunk_score = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    for t0 in range(0, n_tokens, BLOCK_T):
-        mask_t = t0 + offs_t < n_tokens
-        scores = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        # D = Hk*d is rarely a power of two (3 * 64 = 192), so walk it in masked slices.
-        for j0 in range(0, flat_dim, BLOCK_D):
-            j = j0 + offs_j
-            mask_j = j < flat_dim
-            q_tile = tl.load(
-                qg_ptr + (t0 + offs_t)[:, None] * flat_dim + j[None, :],
-                mask=mask_t[:, None] & mask_j[None, :],
-                other=0.0,
-            )  # [BLOCK_T, BLOCK_D]
-            key_offs = (j // dim) * stride_kh + (j % dim) * stride_kd
-            key_tile = tl.load(
-                keys_ptr + key_offs[:, None] + offs_n[None, :] * stride_kn,
-                mask=mask_j[:, None] & mask_n[None, :],
-                other=0.0,
-            ).to(tl.float32)  # [BLOCK_D, BLOCK_N], already transposed for the dot
-            # IEEE fp32: TF32 would blur close cosines and change the ranking; the kernel is
-            # bandwidth-bound on the keys anyway.
-            scores += tl.dot(q_tile, key_tile, input_precision="ieee")
-        scores = tl.where(mask_t[:, None], scores, float("-inf"))
-        chunk_score = tl.maximum(chunk_score, tl.max(scores, axis=0))
-
-    doc = tl.load(key_doc_ptr + offs_n, mask=mask_n, other=0)
-    # fp32 atomic_max is supported (Triton lowers it to a signed int max / unsigned int min pair),
-    # so keys of one document in different programs merge without a [N] buffer.
-    tl.atomic_max(doc_score_ptr + doc, chunk_score, mask=mask_n)
-
-
 def route_scores_triton(q, keys, key_doc, n_docs) -> torch.Tensor:
-    """Fused Triton scoring: q [T, Hq, d], keys [N, Hk, d], key_doc [N] -> doc_score [n_docs] fp32."""
-    n_keys, n_key_heads, dim = keys.shape
-    doc_score = torch.full((n_docs,), float("-inf"), dtype=torch.float32, device=keys.device)
-    n_tokens = q.shape[0]
-    if n_tokens == 0 or n_keys == 0:
-        return doc_score
-    qg = _fold_query_heads(q, n_key_heads).to(keys.device).contiguous()  # [T, Hk*d]
-    flat_dim = n_key_heads * dim
-    block_n = 64
-    grid = (triton.cdiv(n_keys, block_n),)
-    _route_scores_kernel[grid](
-        qg,
-        keys,
-        key_doc.to(keys.device),
-        doc_score,
-        n_tokens,
-        n_keys,
-        dim,
-        flat_dim,
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        BLOCK_T=16,  # tl.dot needs every dimension >= 16
-        BLOCK_N=block_n,
-        BLOCK_D=min(max(triton.next_power_of_2(flat_dim), 16), 128),
-    )
-    return doc_score
+    """Fused Triton scoring (triton_routing.py): q [T, Hq, d], keys [N, Hk, d], key_doc [N] -> doc_score [n_docs]
+    fp32. Triton is imported here, on first use, not with this module: it is installed on Linux only."""
+    from . import triton_routing
+
+    return triton_routing.route_scores_triton(q, keys, key_doc, n_docs)
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -331,6 +331,31 @@ def status(bank: Optional[Path] = BankOption, as_json: bool = typer.Option(False
               f"{last['removed']} removed, {sum(last['skipped'].values())} skipped ({last['seconds']:.1f}s)")
 
 
+@app.command()
+def check(bank: Optional[Path] = BankOption,
+          as_json: bool = typer.Option(False, "--json", help="One JSON object: problems, notes, counts.")):
+    """Verify the whole memory bank, as SQLite's integrity_check does: the manifest, every file's format and
+    recorded size and sha256, the documents and the lexical index. Reads only (no lock). One line per problem;
+    exit 4 if there is any."""
+    from .memory.check import verify
+
+    path = bank or settings.default_bank()
+    report = verify(path)
+    if as_json:
+        print(json.dumps({"bank": str(path.absolute()), "ok": not report.problems, **vars(report)}))
+    else:
+        for note in report.notes:
+            print(f"note: {note}")
+        for problem in report.problems:
+            print(problem)
+        if not report.problems:
+            print(f"ok: {report.segments} segments, {report.documents} documents")
+    sys.stdout.flush()   # the problems come before the error line, even when both go to one file
+    if report.problems:
+        n = len(report.problems)
+        raise errors.BankMismatch(f"bank {path} has {n} problem{'s' if n > 1 else ''}")
+
+
 def main() -> None:
     """Entry point: one line on stderr and a documented exit code for every failure, never a traceback."""
     raise_open_file_limit()

@@ -1,11 +1,13 @@
 """Files -> memory documents -> bank, incrementally: `msa ingest` and `msa forget`.
 
-Two passes under the bank's write lock. The scan walks the roots, reads and hashes every file, and splits the new
-and changed ones into passages, so that the encode pass knows how many tokens it has ahead (progress and ETA). The
-encode pass runs stage 1 over the passages in batches of whole files and commits each batch together with the
-removal of the documents it replaces. So a crash, kill -9 or Ctrl-C loses at most the batch in flight and never
-leaves a file half in the bank; a rerun finds the committed files unchanged by their content hash and encodes only
-the rest. Last, files gone from an ingested folder leave the bank (prune).
+Under the bank's write lock, the walk first lists the files to look at (paths and sizes only, so the progress bar
+knows the bytes ahead). Then each file is read, hashed, and, when new or changed, split into passages that wait in
+the current batch; a batch of about COMMIT_TOKENS is encoded (stage 1) and committed together with the removal of
+the documents it replaces. So memory holds one batch whatever the corpus's size, and a crash, kill -9 or Ctrl-C
+loses at most the batch in flight and never leaves a file half in the bank; a rerun finds the committed files
+unchanged by their content hash and encodes only the rest. Last, files gone from an ingested folder leave the bank
+(prune). A file or folder that could not be looked at or read is unknown, not gone: the bank keeps what it holds
+from it. Nothing one file does (a reader's failure included) stops the others.
 
 A document's source is the file's absolute path (without resolving links): the bank is shared by every working
 directory, so a relative path would name different files from different places.
@@ -24,15 +26,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import errors, settings
-from .corpus.readers import UnreadableFile, parse, read_bytes
+from .corpus.readers import UNKNOWN, UnreadableFile, parse, read_bytes
 from .corpus.splitter import Passage, split
-from .corpus.walk import walk
+from .corpus.walk import unique_files
 from .engine import Engine, content_hash
 from .memory import lexical
 from .memory.bank import Bank
 
 # Tokens per commit (one bank segment): bounds the work a crash loses (about a minute of encoding on a laptop
-# CPU) while keeping segments, and the files a reader maps, few. A file's passages always share one commit.
+# CPU) and the passages held in memory, while keeping segments, and the files a reader maps, few. A file's
+# passages always share one commit.
 COMMIT_TOKENS = 65_536
 
 
@@ -61,8 +64,7 @@ class IngestInterrupted(errors.MsaError):
 
 @dataclass
 class _FileWork:
-    """A new or changed file, split and waiting to be encoded."""
-    shown: str                 # the path as the user gave it, for messages
+    """A new or changed file, split and waiting in the batch to be encoded."""
     digest: str
     passages: list[Passage]
     replacing: list[int]       # the documents of its previous version
@@ -75,20 +77,24 @@ class _FileWork:
 def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
            passage_tokens: int = settings.PASSAGE_TOKENS, progress: bool = False) -> IngestReport:
     """Bring the bank up to date with `roots` (folders or files). Each skipped file gets one warning line on
-    stderr; `progress` shows progress bars there."""
+    stderr; `progress` shows a progress bar there."""
+    bank = engine.bank
+    inside = [r for r in roots if _within(os.path.abspath(r), str(bank.path.absolute()))]
+    if inside:
+        raise errors.MsaError(f"{inside[0]} is inside the memory bank {bank.path}: ingest your documents, "
+                              f"not the bank", errors.USAGE)
     report = IngestReport()
     start = time.perf_counter()
-    bank = engine.bank
     with bank.lock():
         known = _files_in(bank)
+        scan = _Scan(engine, known, passage_tokens, report, progress)
         try:
-            work, present, stale = _scan(engine, roots, known, passage_tokens, report, progress)
-            report.scan_seconds = time.perf_counter() - start
-            _encode(engine, work, report, progress)
+            scan.run(roots)
         except KeyboardInterrupt:
             raise IngestInterrupted(f"interrupted; {report.ingested} files were committed, and running the same "
                                     f"command again goes on from there") from None
-        gone = stale + (_gone(known, roots, present) if prune else [])
+        report.scan_seconds = time.perf_counter() - start - report.encode_seconds - report.write_seconds
+        gone = scan.stale + (_gone(known, roots, scan.present, scan.unknown) if prune else [])
         if gone:
             bank.remove(doc_id for source in gone for doc_id in known[source][1])
             report.removed = len(gone)
@@ -100,7 +106,9 @@ def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
             "skipped": dict(report.skipped), "documents": report.documents, "tokens": report.tokens,
             "seconds": round(report.seconds, 2), "scan_seconds": round(report.scan_seconds, 2),
             "encode_seconds": round(report.encode_seconds, 2), "write_seconds": round(report.write_seconds, 2)})
-        if engine.router.spec.kind == "learned":   # its routing fuses BM25: index the new documents now
+        # Every bank keeps its lexical index (routing fuses BM25, relevance reads it): built once, here, rather
+        # than by every reader. An empty bank has nothing to index.
+        if bank.num_documents:
             lexical.save_for_bank(bank)
     return report
 
@@ -112,7 +120,7 @@ def forget(bank: Bank, paths: list[Path]) -> tuple[int, int]:
     with bank.lock():
         docs = [d for d in bank.documents() if any(_within(d.source, t) for t in targets)]
         bank.remove(d.doc_id for d in docs)
-        if (bank.path / lexical.DIRECTORY).is_dir():
+        if bank.num_documents:
             lexical.save_for_bank(bank)
     return len({d.source for d in docs}), len(docs)
 
@@ -125,68 +133,103 @@ def _files_in(bank: Bank) -> dict[str, tuple[str, list[int]]]:
     return known
 
 
-def _scan(engine: Engine, roots: list[Path], known: dict, passage_tokens: int, report: IngestReport,
-          progress: bool) -> tuple[list[_FileWork], set[str], list[str]]:
-    """(work to encode, sources still present, sources whose file is now unreadable or empty)."""
-    tokenizer = engine.model.tokenizer
-    count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
-    work: list[_FileWork] = []
-    present: set[str] = set()   # files found, read or not: prune keeps their documents unless they changed
-    stale: list[str] = []
-    bar = tqdm(desc="reading", unit=" files", disable=not progress, file=sys.stderr, leave=False)
+class _Scan:
+    """One pass over the files: read, hash, split, and encode and commit a batch whenever it is full."""
 
-    def skip(error: UnreadableFile, shown, named: bool) -> None:
+    def __init__(self, engine: Engine, known: dict, passage_tokens: int, report: IngestReport, progress: bool):
+        self.engine, self.known, self.passage_tokens, self.report = engine, known, passage_tokens, report
+        tokenizer = engine.model.tokenizer
+        self.count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
+        self.progress = progress
+        self.present: set[str] = set()   # files found and read: prune keeps their documents unless they changed
+        self.unknown: list[str] = []     # files and folders that could not be looked at: their documents stay
+        self.stale: list[str] = []       # files whose new content cannot be read: their old documents leave
+        self.batch: list[_FileWork] = []
+        self.batch_tokens = 0
+
+    def run(self, roots: list[Path]) -> None:
+        items = unique_files(roots, exclude=[self.engine.bank.path])
+        total = sum(_size(item) for _, item in items if isinstance(item, Path))
+        # The ETA comes from bytes read: cheap to know up front, unlike tokens, and it tracks encoding time
+        # once the rate settles.
+        self.bar = tqdm(total=total, desc="ingesting", unit="B", unit_scale=True, disable=not self.progress,
+                        file=sys.stderr, dynamic_ncols=True)
+        named = {root: not os.path.isdir(root) for root in roots}
+        try:
+            for root, item in items:
+                if isinstance(item, UnreadableFile):
+                    self.skip(item, named[root])
+                else:
+                    self.file(item, named[root])
+                    self.bar.update(_size(item))
+            self.commit()
+        finally:
+            self.bar.close()
+
+    def file(self, path: Path, named: bool) -> None:
+        source = os.path.abspath(path)
+        if source in self.present:   # named twice (a folder and a file in it)
+            return
+        try:
+            data = read_bytes(path)
+        except UnreadableFile as e:
+            if not os.path.lexists(path):
+                e = UnreadableFile(path, "vanished", "vanished while being read")
+            self.skip(e, named)
+            return
+        self.present.add(source)
+        digest = content_hash(data)
+        previous = self.known.get(source)
+        if previous and previous[0] == digest:
+            self.report.unchanged += 1
+            return
+        try:
+            passages = split(parse(Path(source), data), self.count, self.passage_tokens)
+        except UnreadableFile as e:
+            self.failed(e, previous, source, named)
+            return
+        except Exception as e:  # noqa: BLE001 - a reader's bug or a hostile file: it must not stop the others
+            if os.environ.get("MSA_DEBUG"):
+                raise
+            message = str(e).strip().splitlines()
+            detail = f"its reader failed ({type(e).__name__}{': ' + message[0] if message else ''})"
+            self.failed(UnreadableFile(path, "reader failed", detail), previous, source, named)
+            return
+        work = _FileWork(digest, passages, previous[1] if previous else [])
+        self.batch.append(work)
+        self.batch_tokens += work.tokens
+        if self.batch_tokens >= COMMIT_TOKENS:
+            self.commit()
+
+    def failed(self, error: UnreadableFile, previous, source: str, named: bool) -> None:
+        self.skip(error, named)
+        if previous:
+            self.stale.append(source)   # its old content is gone, and the new one cannot be read
+
+    def skip(self, error: UnreadableFile, named: bool) -> None:
+        report = self.report
         report.skipped[error.kind] += 1
+        detail = error.detail
+        if error.kind == UNKNOWN:
+            target = os.path.abspath(error.path)
+            self.unknown.append(target)
+            kept = sum(len(ids) for s, (_, ids) in self.known.items() if _within(s, target))
+            if kept:
+                detail += f"; its {kept} documents stay in the bank"
         if error.warn or named:   # a file the user named gets a reason, even when it is only empty
             # tqdm.write keeps a progress bar intact below the message.
-            tqdm.write(f"msa: warning: skipped {shown}: {error.detail}", file=sys.stderr)
+            tqdm.write(f"msa: warning: skipped {error.path}: {detail}", file=sys.stderr)
 
-    for root in roots:
-        named = not root.is_dir()
-        for item in walk(root):
-            bar.update()
-            if isinstance(item, UnreadableFile):
-                skip(item, item.path, named)
-                continue
-            source = os.path.abspath(item)
-            if source in present:   # named twice (a folder and a file in it, or two links)
-                continue
-            try:
-                data = read_bytes(item)
-            except UnreadableFile as e:
-                if os.path.lexists(item):
-                    present.add(source)
-                    skip(e, item, named)
-                else:
-                    skip(UnreadableFile(item, "vanished", "vanished while being read"), item, named)
-                continue
-            present.add(source)
-            digest = content_hash(data)
-            previous = known.get(source)
-            if previous and previous[0] == digest:
-                report.unchanged += 1
-                continue
-            try:
-                passages = split(parse(Path(source), data), count, passage_tokens)
-            except UnreadableFile as e:
-                skip(e, item, named)
-                if previous:
-                    stale.append(source)   # its old content is gone, and the new one cannot be read
-                continue
-            work.append(_FileWork(str(item), digest, passages, previous[1] if previous else []))
-    bar.close()
-    return work, present, stale
-
-
-def _encode(engine: Engine, work: list[_FileWork], report: IngestReport, progress: bool) -> None:
-    total = sum(w.tokens for w in work)
-    bar = tqdm(total=total, desc="encoding", unit="tok", unit_scale=True, disable=not progress or not total,
-               file=sys.stderr, dynamic_ncols=True)
-    done = 0
-    for batch in _batches(work):
+    def commit(self) -> None:
+        """Encode the batch and commit it as one segment, with the removal of the documents it replaces. Files
+        without passages still need their commit, to remove their old documents."""
+        batch, self.batch, self.batch_tokens = self.batch, [], 0
+        if not batch:
+            return
+        report, engine = self.report, self.engine
         passages = [p for w in batch for p in w.passages]
         t0 = time.perf_counter()
-        encoded = engine.encode(passages, on_tokens=lambda n: bar.update(min(n, total - bar.n)))
+        encoded = engine.encode(passages)
         t1 = time.perf_counter()
         engine.commit([(p, w.digest) for w in batch for p in w.passages], encoded,
                       replacing=[i for w in batch for i in w.replacing])
@@ -195,31 +238,24 @@ def _encode(engine: Engine, work: list[_FileWork], report: IngestReport, progres
         report.ingested += len(batch)
         report.documents += len(passages)
         report.tokens += sum(w.tokens for w in batch)
-        done += len(batch)
-        bar.n = report.tokens   # the forwards also count each document's two wrapper tokens
-        bar.set_postfix_str(f"{done}/{len(work)} files", refresh=True)
-    bar.close()
+        rate = report.tokens / max(report.encode_seconds, 1e-9)
+        self.bar.set_postfix_str(f"{report.ingested} files, {report.tokens:,} tokens, {rate:,.0f} tok/s",
+                                 refresh=True)
 
 
-def _batches(work: list[_FileWork]) -> list[list[_FileWork]]:
-    """Consecutive whole files, about COMMIT_TOKENS per batch (a larger file makes a batch of its own).
-    Files without passages still need their commit, to remove their old documents."""
-    batches, current, size = [], [], 0
-    for w in work:
-        current.append(w)
-        size += w.tokens
-        if size >= COMMIT_TOKENS:
-            batches.append(current)
-            current, size = [], 0
-    if current:
-        batches.append(current)
-    return batches
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
-def _gone(known: dict, roots: list[Path], present: set[str]) -> list[str]:
-    """Sources under a folder root that the walk no longer found (deleted, moved, or now ignored)."""
-    folders = [os.path.abspath(r) for r in roots if r.is_dir()]
-    return [s for s in known if s not in present and any(_within(s, f) for f in folders)]
+def _gone(known: dict, roots: list[Path], present: set[str], unknown: list[str]) -> list[str]:
+    """Sources under a folder root that the walk no longer found (deleted, moved, or now ignored), except those
+    under what could not be looked at."""
+    folders = [os.path.abspath(r) for r in roots if os.path.isdir(r)]
+    return [s for s in known if s not in present and any(_within(s, f) for f in folders)
+            and not any(_within(s, u) for u in unknown)]
 
 
 def _within(source: str, target: str) -> bool:

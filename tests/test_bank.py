@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from msa_cli.errors import BankLocked, BankMismatch, BankNotFound, MsaError
+from msa_cli.errors import USAGE, BankLocked, BankMismatch, BankNotFound, MsaError
 from msa_cli.memory.bank import FORMAT_VERSION, Bank, NewDocument
 
 LAYERS = [2, 3]          # content layers of a 4-layer toy model
@@ -129,14 +129,27 @@ def test_round_trip(tmp_path):
     assert all(stats["bytes_on_disk"][tier] > 0 for tier in ("hot", "cold", "text", "other"))
 
 
-def test_create_refuses_existing_bank_and_strange_directory(tmp_path):
-    new_bank(tmp_path)
-    with pytest.raises(MsaError, match="already exists"):
-        new_bank(tmp_path)
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(MsaError, match="not empty"):
-        Bank.create(tmp_path / "notes", make_settings(), make_template())
+def test_create_opens_a_bank_another_process_made_meanwhile(tmp_path):
+    # Two first ingests race: both saw no bank, the first made it, the second's create finds it under the lock.
+    first = new_bank(tmp_path)
+    append(first, make_batch(2, "a"))
+    second = new_bank(tmp_path)
+    assert [d.doc_id for d in second.documents()] == [0, 1]   # opened, not overwritten
+    with pytest.raises(BankMismatch, match="pooling=64, not 32"):   # checked as open_or_create checks
+        Bank.create(tmp_path / "bank", make_settings(pooling=32), make_template())
+    with first.lock():   # the first still writes: the second is locked out, not told something is wrong
+        with pytest.raises(BankLocked):
+            new_bank(tmp_path)
+
+
+def test_create_refuses_a_folder_of_other_files_as_usage(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(MsaError, match="not empty") as e:
+        Bank.create(notes, make_settings(), make_template())
+    assert e.value.code == USAGE
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]   # not even a lock file left among them
 
 
 def test_open_or_create(tmp_path):
@@ -385,6 +398,22 @@ def test_reader_keeps_reading_a_segment_removed_after_it_opened(tmp_path):
     assert [d.text for d in reader.documents()] == [d.text for d in first[0]]
 
 
+def test_stats_tolerates_a_segment_deleted_while_it_counts(tmp_path):
+    # `msa status` during an ingest that replaces files: the files of the snapshot's segments may be gone.
+    writer = new_bank(tmp_path)
+    append(writer, make_batch(3, "a"))
+    append(writer, make_batch(2, "b"))
+    snapshot = Bank.open(tmp_path / "bank")
+    with writer.lock():
+        writer.remove([3, 4])   # the second segment's every document: its files are deleted
+    assert len(list((tmp_path / "bank" / "segments").iterdir())) == 1
+    stats = snapshot.stats()
+    assert stats["documents"] == 5 and stats["segments"] == 2 and stats["chunks"] == 1 + 2 + 3 + 1 + 2
+    sizes = stats["bytes_on_disk"]
+    assert sizes["cold"] == (tmp_path / "bank" / "segments" / snapshot.routing_segments()[0].name
+                             / "content.safetensors").stat().st_size   # the deleted segment counts 0
+
+
 def test_append_replacing_is_one_commit(tmp_path):
     bank = new_bank(tmp_path)
     append(bank, make_batch(2, "a"))
@@ -392,7 +421,7 @@ def test_append_replacing_is_one_commit(tmp_path):
     commits = []
     with bank.lock():
         real_commit = bank._commit
-        bank._commit = lambda m: (commits.append(m), real_commit(m))
+        bank._commit = lambda m, step: (commits.append(m), real_commit(m, step))
         bank.append(*b, replacing=[0, 1])
     assert len(commits) == 1
     bank = Bank.open(tmp_path / "bank")

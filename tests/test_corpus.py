@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -84,21 +83,36 @@ def test_long_code_block_is_cut_at_line_ends():
         assert end == len(text.text) or text.text[end] == "\n"
 
 
-def test_three_megabyte_line_without_whitespace_is_cut_quickly():
+class Counted:
+    """A tokenizer length that records how much text it was asked to count: the splitter's work, which must stay
+    a small multiple of the text's length (the tokenizer is the slow part), however the text is shaped."""
+
+    def __init__(self, count):
+        self.count, self.chars, self.calls = count, 0, 0
+
+    def __call__(self, s: str) -> int:
+        self.chars += len(s)
+        self.calls += 1
+        return self.count(s)
+
+
+def test_three_megabyte_line_without_whitespace_costs_a_few_passes_of_counting():
     text = make_text("minified.js", "ab1_" * 750_000)
-    started = time.perf_counter()
-    passages = split(text, subwords, max_tokens=320)
-    assert time.perf_counter() - started < 5
+    counted = Counted(subwords)
+    passages = split(text, counted, max_tokens=320)
     check_passages(text, passages, subwords, 320)
     assert all(p.line_start == p.line_end == 1 for p in passages)
+    assert counted.chars <= 2 * len(text.text), counted.chars / len(text.text)   # measured: 1.0
+    assert counted.calls <= 2 * len(passages)
 
 
-def test_megabyte_paragraph_is_cut_quickly():
+def test_megabyte_paragraph_costs_a_few_passes_of_counting():
     text = make_text("wall.txt", "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 20_000)
-    started = time.perf_counter()
-    passages = split(text, words, max_tokens=320)
-    assert time.perf_counter() - started < 5
+    counted = Counted(words)
+    passages = split(text, counted, max_tokens=320)
     check_passages(text, passages, words, 320)
+    assert counted.chars <= 3 * len(text.text), counted.chars / len(text.text)   # measured: 2.0
+    assert counted.calls <= 20_000 + 2 * len(passages)   # about once per sentence and once per passage
 
 
 def test_passages_are_verified_when_joining_costs_more_than_estimated():

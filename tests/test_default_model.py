@@ -59,9 +59,13 @@ def test_ask_answers_with_sources_that_really_hold_the_cited_text(bank):
     r = msa("ask", q["question"], "--bank", str(bank), "--json", "--max-tokens", "24")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # stdout is exactly one JSON object
-    assert out["answer"] and out["sources"]
+    (first, last), gold_file = q["gold_lines"], q["gold_files"][0]
+    assert any(s["path"] == os.path.abspath(SAMPLES / gold_file) and s["line_start"] <= first and last <= s["line_end"]
+               for s in out["sources"]), ("the passage holding the answer was read", out["sources"])
+    docs = {d.doc_id: d for d in Bank.open(bank).documents()}
     for s in out["sources"]:
-        assert cited_text(s).strip()
+        assert words_of(docs[s["doc_id"]].text) <= words_of(cited_text(s)), s   # the citation holds what was read
+    assert "python" in out["answer"].lower() and 0 < out["tokens"] <= 24, out["answer"]   # on topic, within budget
     assert out["timings"]["total_ms"] > 0
 
 

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,19 +72,33 @@ def eval_set(tmp_path_factory):
 
 
 def test_eval_reports_every_system_in_one_json_object(eval_set, tmp_path):
+    """Recall and MRR of "msa" are what `msa search` ranks for the same questions on the same bank, with enough
+    distractors that a top 5 is not the whole bank; BM25 finds each gold first by plain word overlap."""
+    grown = tmp_path / "grown"
+    shutil.copytree(eval_set, grown)
+    for i in range(12):
+        (grown / "corpus" / f"filler{i:02d}.txt").write_text(f"Filler {i}\n\nUnrelated text number {i} about "
+                                                           f"{['cooking', 'trains', 'taxes'][i % 3]} and more.\n")
     model = save_tiny_model(tmp_path / "model")
     env = {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(eval_set), "--no-generate", "--json",
+    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(grown), "--no-generate", "--json",
                         "--baseline", "bm25", "--limit", "3"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) >= {"msa", "bm25"} and out["bank"]["documents"] == 4
-    for system in ("msa", "bm25"):
-        assert out[system]["questions"] == 3
-        assert 0 <= out[system]["recall@1"] <= out[system]["recall@5"] <= 1
-        assert out[system]["ms_per_question"] > 0
-    assert out["bm25"]["recall@1"] == 1.0, "plain word overlap finds each of these"
-    assert out["msa"]["recall@5"] == 1.0, "only 4 documents: all of them are in the top 5"
+    assert set(out) >= {"msa", "bm25"} and out["bank"]["documents"] == 16
+    assert out["bm25"]["recall@1"] == out["bm25"]["mrr"] == 1.0, "plain word overlap finds each of these first"
+
+    questions = [json.loads(line) for line in (grown / "questions.jsonl").read_text().splitlines()]
+    ranks = []
+    for q in questions:
+        r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "search", q["question"], "--json", "-k", "16",
+                            "--bank", out["bank"]["bank"]], capture_output=True, text=True, env=env)
+        ranking = [Path(json.loads(line)["path"]).stem for line in r.stdout.splitlines()]
+        ranks.append(ranking.index(q["gold_docs"][0]) + 1)
+    assert out["msa"]["questions"] == 3 and out["msa"]["ms_per_question"] > 0
+    for k in (1, 5, 10):
+        assert out["msa"][f"recall@{k}"] == pytest.approx(sum(rank <= k for rank in ranks) / 3), (k, ranks)
+    assert out["msa"]["mrr"] == pytest.approx(sum(1 / rank for rank in ranks) / 3), ranks
 
     r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(tmp_path), "--no-generate"],
                        capture_output=True, text=True, env=env)

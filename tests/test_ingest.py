@@ -82,10 +82,10 @@ def test_every_format_is_ingested_and_every_bad_file_skipped_with_one_warning(mo
         write(docs / name, data)
     write(docs / "empty.txt", b"")
     os.symlink("loop.txt", docs / "loop.txt")
-    real_open = open
-    monkeypatch.setattr("msa_cli.corpus.readers.open", lambda p, *a, **k: (
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (
         (_ for _ in ()).throw(PermissionError(13, "Permission denied")) if Path(p).name == "locked.txt"
-        else real_open(p, *a, **k)), raising=False)
+        else real_open(p, *a, **k)))
 
     report = ingest(engine_for(model, tmp_path / "bank"), [docs])
 
@@ -163,15 +163,14 @@ def test_a_file_that_vanishes_mid_ingest_is_skipped(model, tmp_path, capsys, mon
     docs = tmp_path / "docs"
     write(docs / "a.md", paragraphs("a"))
     write(docs / "b.md", paragraphs("b"))
-    real_walk = ingest_module.walk
+    real_list = ingest_module.unique_files
 
-    def walk_and_delete(root):
-        for item in real_walk(root):
-            if isinstance(item, Path) and item.name == "a.md":
-                item.unlink()   # listed, then gone before it is read
-            yield item
+    def list_and_delete(roots, exclude):
+        items = real_list(roots, exclude)
+        (docs / "a.md").unlink()   # listed, then gone before it is read
+        return items
 
-    monkeypatch.setattr(ingest_module, "walk", walk_and_delete)
+    monkeypatch.setattr(ingest_module, "unique_files", list_and_delete)
     report = ingest(engine_for(model, tmp_path / "bank"), [docs])
     assert report.ingested == 1 and report.skipped == {"vanished": 1}
     assert capsys.readouterr().err.count("\n") == 1

@@ -194,7 +194,7 @@ class ScriptedRound:
         self.memory.scores = {2: [0.9, 0.5], 3: [0.8, 0.1]}
         ScriptedRound.seen.append({"text": self.tok.decode([t for p in pieces for t in p.ids]),
                                    "routing": self.tok.decode([t for p in pieces if p.routes for t in p.ids]),
-                                   "fed": []})
+                                   "routes": [p.routes for p in pieces for _ in p.ids], "fed": []})
 
     def write(self, max_new_tokens, feed=(), stop_when=None, on_token=None):
         if feed:
@@ -215,6 +215,11 @@ def run_script(monkeypatch, engine, script, hops=3):
     return answer, ScriptedRound.seen, engine.model.tokenizer.decode(shown)
 
 
+QUESTION = "\nPlease answer the question based on the above historical document information\n\n" \
+           "When was Erik Watts' father born?\nPlease return all documents related to the question\n"
+ROUTED_LATER = QUESTION[:-1]   # rounds 2+: the user content up to "...related to the question", not its "\n"
+
+
 def test_protocol_injects_named_documents_reroutes_on_the_latest_and_answers_after_end_of_retrieve(
         model, tmp_path, monkeypatch):
     engine = filled_engine(model, tmp_path / "bank")
@@ -230,16 +235,15 @@ def test_protocol_injects_named_documents_reroutes_on_the_latest_and_answers_aft
     assert a.retrieval.hops[0].layers == {2: [1, 2], 3: [2, 0]}
     assert [s["score"] for s in a.sources()] == [0.5, 1.0]   # the share of router layers that selected each
 
-    question = "\nPlease answer the question based on the above historical document information\n\n" \
-               "When was Erik Watts' father born?\nPlease return all documents related to the question\n"
     block1 = f"[1]. {FACTS[1]}\n<|object_ref_end|>"
     block2 = f"[2]. {FACTS[2]}\n<|object_ref_end|>"
-    assert seen[0]["text"] == question + "<|im_end|>\n<|im_start|>"
-    assert seen[0]["routing"] == question
-    # Round 2 re-prefills the whole transcript; the question and only the block just injected route.
+    assert seen[0]["text"] == QUESTION + "<|im_end|>\n<|im_start|>"
+    assert seen[0]["routing"] == QUESTION   # round 1: the whole user content
+    # Round 2 re-prefills the whole transcript; the question and only the block just injected route, without
+    # the "\n" after the question nor the block's <|object_ref_end|> (msa_service._apply_template_regenerate).
     assert seen[1]["text"] == seen[0]["text"] + "[1][42]<|object_ref_end|>" + block1
-    assert seen[1]["routing"] == question + block1
-    assert seen[2]["routing"] == question + block2
+    assert seen[1]["routing"] == ROUTED_LATER + f"[1]. {FACTS[1]}\n"
+    assert seen[2]["routing"] == ROUTED_LATER + f"[2]. {FACTS[2]}\n"
     # After <End-of-Retrieve> the question is restated in the same round, then the model answers.
     assert seen[2]["fed"] == ["<|im_start|>The user's question is: When was Erik Watts' father born?\n"
                               "<|object_ref_end|>"]
@@ -254,17 +258,75 @@ def test_protocol_stops_retrieving_at_the_round_cap_and_restates_the_question(mo
     assert len(seen) == 3   # two retrieval rounds, then one prefill to answer in
     assert seen[2]["text"].endswith(f"[3]. {FACTS[3]}\n<|object_ref_end|><|im_start|>The user's question is: "
                                     "When was Erik Watts' father born?\n<|object_ref_end|>")
-    assert seen[2]["routing"].endswith(f"[3]. {FACTS[3]}\n<|object_ref_end|>")
+    assert seen[2]["routing"] == ROUTED_LATER + f"[3]. {FACTS[3]}\n"
 
 
-def test_protocol_takes_a_direct_answer_and_ignores_ids_it_has_already_read(model, tmp_path, monkeypatch):
+def test_protocol_takes_a_direct_answer(model, tmp_path, monkeypatch):
     engine = filled_engine(model, tmp_path / "bank")
     a, seen, shown = run_script(monkeypatch, engine, ["Fredville"])
     assert a.text == "Fredville" and shown == "Fredville" and a.sources() == [] and len(seen) == 1
-    a, seen, _ = run_script(monkeypatch, engine, ["[4]<|object_ref_end|>", "[4]<|object_ref_end|>",
-                                                  "The answer to the question is: salamander"])
+
+
+def test_naming_only_documents_read_or_unknown_injects_them_as_the_reference_does_and_routes_again(
+        model, tmp_path, monkeypatch):
+    """Digest §4.2: the block holds every named document in memory, read before or not; for unknown ids it is a
+    bare <|object_ref_end|>; either way the next round routes again (no restatement the model never wrote)."""
+    engine = filled_engine(model, tmp_path / "bank")
+    a, seen, _ = run_script(monkeypatch, engine, [
+        "[4]<|object_ref_end|>", "[4]<|object_ref_end|>", "[42]<|object_ref_end|>", "<End-of-Retrieve>",
+        "The answer to the question is: salamander"], hops=4)
     assert a.text == "salamander" and [s["doc_id"] for s in a.sources()] == [4]
-    assert len(seen) == 3   # naming only what it has read ends retrieval: restate and answer
+    assert [h.selected for h in a.retrieval.hops] == [[4], [], [], []]   # what each round added
+    block4 = f"[4]. {FACTS[4]}\n<|object_ref_end|>"
+    assert len(seen) == 4
+    assert seen[2]["text"] == seen[1]["text"] + "[4]<|object_ref_end|>" + block4   # read again
+    assert seen[2]["routing"] == ROUTED_LATER + f"[4]. {FACTS[4]}\n"
+    assert seen[3]["text"] == seen[2]["text"] + "[42]<|object_ref_end|>" + "<|object_ref_end|>"   # empty block
+    assert seen[3]["routing"] == ROUTED_LATER + f"[4]. {FACTS[4]}\n"   # the last block with text still routes
+    assert seen[3]["fed"] == ["<|im_start|>The user's question is: When was Erik Watts' father born?\n"
+                              "<|object_ref_end|>"]
+
+
+def reference_routes(tok, transcript: str) -> list[bool]:
+    """Which tokens of a later round's transcript route in the reference, computed as it does
+    (msa_service._apply_template_regenerate, digest §4.2): the whole transcript tokenized at once; routing are the
+    tokens up to and including "Please return all documents related to the question", and those of the text from
+    the "[" after the last "]<|object_ref_end|>[" up to the next "<|object_ref_end|>"."""
+    def n_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False).input_ids)
+
+    routes = [False] * n_tokens(transcript)
+    marker = "]<|object_ref_end|>["
+    start = transcript.rfind(marker)
+    if start != -1:
+        start += len(marker) - 1
+        end = transcript.find("<|object_ref_end|>", start)
+        first = n_tokens(transcript[:start])
+        for i in range(first, min(first + n_tokens(transcript[start:end]), len(routes))):
+            routes[i] = True
+    anchor = "Please return all documents related to the question"
+    for i in range(n_tokens(transcript[:transcript.find(anchor) + len(anchor)])):
+        routes[i] = True
+    return routes
+
+
+def test_every_round_routes_exactly_the_tokens_the_reference_routes(model, tmp_path, monkeypatch):
+    engine = filled_engine(model, tmp_path / "bank")
+    tok = model.tokenizer
+    _, seen, _ = run_script(monkeypatch, engine, [
+        "[1][42]<|object_ref_end|>",   # a block that routes
+        "[9]<|object_ref_end|>",       # unknown: an empty block; the one before goes on routing
+        "[2] <|object_ref_end|>",      # no "]" before <|object_ref_end|>: the reference does not find this block
+        "[3]<|object_ref_end|>",
+        "<End-of-Retrieve>", "The answer to the question is: 1939"], hops=5)
+    assert len(seen) == 5
+    n_question = len(tok(QUESTION, add_special_tokens=False).input_ids)
+    assert seen[0]["routes"] == [True] * n_question + [False] * 3   # round 1: the whole user content
+    for r in seen[1:]:
+        assert len(tok(r["text"], add_special_tokens=False).input_ids) == len(r["routes"])   # pieces = the text
+        assert r["routes"] == reference_routes(tok, r["text"])
+    assert [r["routing"][len(ROUTED_LATER):] for r in seen[1:]] == [
+        f"[1]. {FACTS[1]}\n", f"[1]. {FACTS[1]}\n", f"[1]. {FACTS[1]}\n", f"[3]. {FACTS[3]}\n"]
 
 
 # --- end to end on a real (tiny) checkpoint -----------------------------------------------------------------
@@ -300,8 +362,21 @@ def test_generative_retrieval_runs_end_to_end_on_the_checkpoint_and_is_determini
     for hop in out["hops"]:   # each router layer picked its own top-2
         assert sorted(hop["layers"]) == [2, 3]
         assert all(len(ids) == 2 for ids in hop["layers"].values())
-    assert out["hops"][1]["routing_text"].endswith(f"[1]. {FACTS[1]}\n<|object_ref_end|>")
+    assert out["hops"][1]["routing_text"].endswith(f"[1]. {FACTS[1]}\n")
     assert out["answer"] == "<End-of-Retrieve>"   # after the restatement it writes its one scripted reply
+
+
+def test_a_retrieval_round_ends_past_1000_characters_not_at_a_token_count(tmp_path):
+    """The reference ends a round once its reply passes 1000 characters, each token decoded on its own (digest
+    §4.2, msa/generate.py max_ret_len). "user" is one 4-character token here: 251 of them pass 1000 characters.
+    Then the question is restated and the model answers."""
+    directory = save_tiny_msa_checkpoint(tmp_path / "ckpt", tie=False, edit=bigram({
+        "<|im_start|>": "user", "user": "user", "<|object_ref_end|>": "!", "!": "<|im_end|>"}))
+    model = load_model(str(directory), dtype=torch.float32)
+    engine = filled_engine(model, tmp_path / "bank", FACTS[:2])
+    a = ask(engine, "Who is Erik Watts' father?", Options(max_tokens=8, hops=3))
+    assert len(a.retrieval.hops) == 1 and a.text == "!"   # one round, then the restatement and its answer
+    assert a.tokens == 251 + 1
 
 
 def test_cli_ingests_and_answers_with_an_msa_checkpoint(checkpoint, tmp_path):

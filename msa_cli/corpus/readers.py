@@ -10,6 +10,8 @@ import codecs
 import gzip
 import io
 import logging
+import os
+import stat
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,9 @@ class UnreadableFile(MsaError):
 
 
 QUIET_KINDS = frozenset({"unsupported type", "empty"})
+# A file or folder that could not be looked at or read (permissions, an I/O error, a stale network mount): its
+# content is unknown, not gone, so ingest keeps what the bank holds from it.
+UNKNOWN = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,17 @@ def _read_plain(path: str, data: bytes) -> Text:
 
 def _read_html(path: str, data: bytes) -> Text:
     """The visible text; each piece is cited by the line of the HTML file it came from."""
-    from .html import visible_text
+    from .html import DamagedHTML, visible_text
 
-    text, marks = visible_text(_decode(path, data))
+    source = _decode(path, data)
+    try:
+        text, marks = visible_text(source)
+    except DamagedHTML as exc:
+        raise UnreadableFile(path, "damaged HTML", f"damaged HTML ({exc})") from None
+    if not text and source.strip():
+        # Not "empty" (quiet): the file has content, and a page whose text we drop entirely deserves a look.
+        raise UnreadableFile(path, "HTML without text",
+                             "HTML without visible text (only navigation, scripts or markup?)")
     # line_starts[n - 1] = offset of the first text that comes from source line n or later, so that
     # line_at(offset) gives the source line of the text at offset.
     last_line = marks[-1][1] if marks else 1
@@ -157,7 +170,7 @@ logging.getLogger("pypdf").setLevel(logging.CRITICAL)
 def _read_pdf(path: str, data: bytes) -> Text:
     """Each page's text, pages separated by a blank line so that no paragraph spans two pages."""
     import pypdf
-    from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
+    from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
 
     try:
         reader = pypdf.PdfReader(io.BytesIO(data))
@@ -170,9 +183,10 @@ def _read_pdf(path: str, data: bytes) -> Text:
         raise
     except (FileNotDecryptedError, DependencyError):
         raise UnreadableFile(path, "encrypted PDF", "encrypted PDF that cannot be opened") from None
-    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError,
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError,
             AssertionError, OverflowError, zlib.error) as exc:
-        # pypdf raises many kinds for damaged files; the user needs one line.
+        # pypdf raises many kinds for damaged files (PyPdfError covers PdfReadError and LimitReachedError, its
+        # refusal of a decompression bomb); the user needs one line.
         raise UnreadableFile(path, "damaged PDF", f"damaged PDF ({type(exc).__name__})") from None
     if not any(p.strip() for p in pages):
         raise UnreadableFile(path, "PDF without text", "PDF without text (scanned images?)")
@@ -232,12 +246,22 @@ def is_supported(path: Path) -> bool:
 
 
 def read_bytes(path: Path) -> bytes:
-    """A file's bytes; UnreadableFile if it cannot be read or is too large."""
+    """A regular file's bytes; UnreadableFile if it cannot be read, is not a regular file or is too large."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO would otherwise wait forever for a writer. It does not change how a
+        # regular file reads.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UnreadableFile(path, UNKNOWN, f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnreadableFile(path, "not a file", "not a regular file (a pipe, socket or device)")
+        with open(fd, "rb", closefd=False) as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise UnreadableFile(path, "unreadable", f"cannot be read ({exc.strerror or exc})") from None
+        raise UnreadableFile(path, UNKNOWN, f"cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_FILE_BYTES:
         raise UnreadableFile(path, "too large", f"larger than {MAX_FILE_BYTES >> 20} MB")
     return data

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -25,10 +24,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from ..errors import BankLocked, BankMismatch, BankNotFound, MsaError
+from ..errors import USAGE, BankLocked, BankMismatch, BankNotFound, MsaError
+from ..faults import crash_point
+from . import check
+from .check import FLOAT_DTYPES, TENSOR_DTYPES, Damaged
 
 FORMAT_VERSION = 1
 
@@ -38,22 +40,6 @@ SEGMENTS = "segments"
 LOCK = ".lock"
 DOCUMENTS = "documents.jsonl"
 CONTENT = "content.safetensors"
-
-# Float dtypes a bank may store, by the name settings["dtype"] uses.
-FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-# safetensors dtype name -> (numpy dtype to map the bytes as, torch dtype to view them as).
-# numpy has no bfloat16, so bf16 is mapped as uint16 and reinterpreted by torch.
-_MAPPED_DTYPES = {
-    "BF16": (np.uint16, torch.bfloat16),
-    "F16": (np.float16, torch.float16),
-    "F32": (np.float32, torch.float32),
-    "I32": (np.int32, torch.int32),
-    "I64": (np.int64, torch.int64),
-}
-
-# Router ids become file names (route.<id>.safetensors).
-_ROUTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # What a directory may hold when create() finds no manifest there: leftovers of a create that crashed.
 _CREATE_LEFTOVERS = {LOCK, TEMPLATE, MANIFEST + ".tmp", SEGMENTS}
@@ -104,33 +90,35 @@ class RoutingSegment:
 
 
 class _Segment:
-    """One committed segment of a snapshot: its rows (from documents.jsonl) and its mapped route file.
-    Segments are immutable, so a _Segment is reused across manifest reloads while its route file is."""
+    """One committed segment of a snapshot: its rows (from documents.jsonl) and its mapped route file, checked
+    against the manifest and the format (check.py). Segments are immutable, so a _Segment is reused across
+    manifest reloads while its route file is."""
 
-    def __init__(self, directory: Path, first_doc_id: int, n_docs: int, route_file: str):
+    def __init__(self, directory: Path, entry: dict, settings: dict, route_file: str):
         self.name = directory.name
         self.directory = directory
         self.route_file = route_file
-        self.rows = _read_jsonl(directory / DOCUMENTS)
-        if len(self.rows) != n_docs or any(r["doc_id"] != first_doc_id + i for i, r in enumerate(self.rows)):
-            raise BankMismatch(f"bank {directory.parent.parent} is unreadable: {self.name}/{DOCUMENTS} "
-                               f"does not match the manifest")
-        route = _map_safetensors(directory / route_file)
+        records = entry.get("files", {})   # sizes are compared here; `msa check` compares hashes
+        n_docs = entry["n_docs"]
+        self.rows = check.read_documents(directory / DOCUMENTS, entry["first_doc_id"], n_docs,
+                                         records.get(DOCUMENTS))
+        route = _map_safetensors(directory / route_file, records.get(route_file),
+                                 lambda path, tensors: check.route_tensors(path, tensors, settings))
         self.keys, self.key_doc = route["keys"], route["key_doc"]
         # Keys are stored grouped by row in row order, so each row's keys are one range of key_doc;
         # deriving the ranges here lets reindex replace keys without rewriting documents.jsonl.
         key_doc = self.key_doc.numpy()
-        if np.any(key_doc[1:] < key_doc[:-1]) or np.any(key_doc < 0) or np.any(key_doc >= n_docs):
-            raise BankMismatch(f"bank {directory.parent.parent} is unreadable: {self.name}/{route_file} "
-                               f"has keys out of row order")
+        check.key_rows(directory / route_file, key_doc, n_docs)
         counts = np.bincount(key_doc, minlength=n_docs)
         self.key_count = counts.tolist()
         self.key_start = (np.cumsum(counts) - counts).tolist()
-        self.doc_ids = torch.arange(first_doc_id, first_doc_id + n_docs, dtype=torch.int64)
+        self.doc_ids = torch.arange(entry["first_doc_id"], entry["first_doc_id"] + n_docs, dtype=torch.int64)
         # Mapped now, with the rest of the snapshot: a writer may delete this segment once it has no live
         # documents, and a reader that opened the bank before that must still read what it saw. Mapping costs
         # no reading; pages are read only for the documents a question selects.
-        self.content = _map_safetensors(directory / CONTENT)
+        n_chunks = sum(r["chunk_count"] for r in self.rows)
+        self.content = _map_safetensors(directory / CONTENT, records.get(CONTENT),
+                                        lambda path, tensors: check.content_tensors(path, tensors, settings, n_chunks))
 
 
 class Bank:
@@ -147,29 +135,19 @@ class Bank:
     @classmethod
     def create(cls, path, settings: dict, template_kv: dict[int, tuple[Tensor, Tensor]],
                router_weights: RouterWeights | None = None) -> "Bank":
+        """Make a bank, or open the one another process made meanwhile (refusing other settings, as
+        open_or_create does): two first ingests into one place may race, and the second just goes on."""
         path = Path(path)
         settings = _json_normalised(settings)
-        _check_settings(settings)
+        check.check_settings(settings)
         template = _template_tensors(settings, template_kv)
         path.mkdir(parents=True, exist_ok=True)
+        if not (path / MANIFEST).exists():
+            _refuse_strangers(path)   # before the lock, whose file would be one more stranger in their folder
         with _flock(path, 0):
-            if (path / MANIFEST).exists():
-                raise MsaError(f"a bank already exists at {path}")
-            strangers = sorted(f for f in set(os.listdir(path)) - _CREATE_LEFTOVERS if not f.startswith("router."))
-            if strangers:
-                raise MsaError(f"{path} is not empty ({strangers[0]}, ...) and holds no bank; "
-                               f"choose another bank directory")
-            _save_safetensors(template, path / TEMPLATE)
-            if router_weights:
-                weights, meta = router_weights
-                _save_safetensors(weights, path / _router_weights_file(settings["router"]["id"]), meta)
-            now = _now()
-            manifest = {"format_version": FORMAT_VERSION, "settings": settings, "segments": [],
-                        "tombstones": [], "next_doc_id": 0, "created": now, "updated": now}
-            _write_manifest(path, manifest)
-            _fsync_dir(path.parent)  # the bank directory itself may be new
-            _remove_orphans(path, manifest)  # segments a crashed earlier create may have left
-        return cls(path)
+            if not (path / MANIFEST).exists():
+                _create(path, settings, template, router_weights)
+        return cls.open(path, expect=settings)
 
     @classmethod
     def open(cls, path, expect: dict | None = None) -> "Bank":
@@ -202,26 +180,38 @@ class Bank:
     def _load(self) -> None:
         """Read the manifest and the segments it lists: this Bank's snapshot."""
         for _ in range(3):
-            manifest = _read_manifest(self.path)
             try:
-                return self._load_snapshot(manifest)
+                return self._load_snapshot(_read_manifest(self.path))
             except FileNotFoundError as e:
                 # A writer committed and deleted files that the manifest just read listed: read the new one.
                 missing = e.filename
-            except (ValueError, KeyError, TypeError) as e:
-                raise BankMismatch(f"bank {self.path} is unreadable: {type(e).__name__}: {e}") from None
+            except Damaged as e:
+                raise BankMismatch(f"bank {self.path} is unreadable: {e.where(self.path)}") from None
+            except OSError as e:
+                raise BankMismatch(f"bank {self.path} is unreadable: {e.filename}: {e.strerror}") from None
         raise BankMismatch(f"bank {self.path} is unreadable: {missing} is missing")
 
     def _load_snapshot(self, manifest: dict) -> None:
         settings = manifest["settings"]
+        records = manifest.get("files", {})
+        # Read later (by generation, by the engine), but checked now: a damaged one is refused at open.
+        _map_template(self.path / TEMPLATE, settings, records.get(TEMPLATE))
+        weights = self.path / _router_weights_file(settings["router"]["id"])
+        # A bank without it (made before routers were stored, or copied without it) is the engine's to judge:
+        # it may read the bank with a shipped router of the same id.
+        if weights.is_file():
+            _check_router_weights(weights, settings, records.get(weights.name))
         route_file = _route_file(settings["router"]["id"])
         segments = {}
         for entry in manifest["segments"]:
             seg = self._segments.get(entry["name"])
             if seg is None or seg.route_file != route_file:
-                seg = _Segment(self.path / SEGMENTS / entry["name"], entry["first_doc_id"], entry["n_docs"],
-                               route_file)
+                seg = _Segment(self.path / SEGMENTS / entry["name"], entry, settings, route_file)
             segments[entry["name"]] = seg
+        # The router scans every segment's keys alike; appends and reindex keep one shape.
+        shapes = sorted({tuple(seg.keys.shape[1:]) for seg in segments.values()})
+        if len(shapes) > 1:
+            raise Damaged(self.path / SEGMENTS, f"routing keys of several shapes {shapes}")
         tombstones = set(manifest["tombstones"])
         docs = {}
         for seg in segments.values():
@@ -253,12 +243,14 @@ class Bank:
     def stats(self) -> dict:
         docs = self._docs.values()
         sizes = {"hot": 0, "cold": 0, "text": 0, "other": 0}
+        # A writer may delete this snapshot's segments while we count (their mappings stay readable): a file
+        # gone counts as 0.
         for seg in self._segments.values():
-            sizes["hot"] += (seg.directory / seg.route_file).stat().st_size
-            sizes["cold"] += (seg.directory / CONTENT).stat().st_size
-            sizes["text"] += (seg.directory / DOCUMENTS).stat().st_size
+            sizes["hot"] += _size(seg.directory / seg.route_file)
+            sizes["cold"] += _size(seg.directory / CONTENT)
+            sizes["text"] += _size(seg.directory / DOCUMENTS)
         # Everything else in the directory: manifest, template K/V, router weights, the BM25 cache.
-        total = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        total = sum(_size(Path(d) / f) for d, _, files in os.walk(self.path) for f in files)
         sizes["other"] = max(0, total - sizes["hot"] - sizes["cold"] - sizes["text"])
         return {"documents": len(docs), "segments": len(self._segments),
                 "tokens": sum(d.n_tokens for d in docs), "chunks": sum(d.chunk_count for d in docs),
@@ -297,9 +289,10 @@ class Bank:
         return torch.cat(ks), torch.cat(vs), counts  # cat copies: callers get ordinary writable tensors
 
     def template_kv(self) -> dict[int, tuple[Tensor, Tensor]]:
-        tensors = load_file(self.path / TEMPLATE)
+        tensors = _map_template(self.path / TEMPLATE, self.settings, self._manifest.get("files", {}).get(TEMPLATE))
         layers = sorted(int(name.split(".")[1]) for name in tensors if name.startswith("k."))
-        return {layer: (tensors[f"k.{layer}"], tensors[f"v.{layer}"]) for layer in layers}
+        # Copies: callers get ordinary writable tensors, not views of the read-only mapping.
+        return {layer: (tensors[f"k.{layer}"].clone(), tensors[f"v.{layer}"].clone()) for layer in layers}
 
     # ----- writing -----
 
@@ -355,7 +348,8 @@ class Bank:
         doc_ids = list(range(first, first + len(docs)))
         rows, chunk_start = [], 0
         for doc_id, doc, n_chunks in zip(doc_ids, docs, chunk_counts):
-            _check_span(doc.span)
+            if not check.valid_span(doc.span):
+                raise ValueError(f"a span is {{page, line_start, line_end}}, each int or None; got {doc.span}")
             rows.append({"doc_id": doc_id, "source": str(doc.source), "span": doc.span,
                          "content_hash": doc.content_hash, "n_tokens": int(doc.n_tokens),
                          "chunk_start": chunk_start, "chunk_count": int(n_chunks), "text": doc.text})
@@ -366,18 +360,22 @@ class Bank:
         name = f"{first:09d}-{secrets.token_hex(4)}"
         directory = self.path / SEGMENTS / name
         directory.mkdir(parents=True)
-        _write_jsonl(directory / DOCUMENTS, rows)
-        _save_safetensors(tensors, directory / CONTENT)
-        _save_safetensors(route, directory / _route_file(settings["router"]["id"]))
+        route_file = _route_file(settings["router"]["id"])
+        # Each file's size and sha256 go into the manifest: opening compares sizes, `msa check` hashes.
+        files = {DOCUMENTS: _write_jsonl(directory / DOCUMENTS, rows),
+                 CONTENT: _save_safetensors(tensors, directory / CONTENT),
+                 route_file: _save_safetensors(route, directory / route_file)}
         _fsync_dir(directory)
         _fsync_dir(directory.parent)
+        crash_point("append:segment-written")
 
         manifest = dict(self._manifest)
-        manifest["segments"] = [*manifest["segments"], {"name": name, "first_doc_id": first, "n_docs": len(docs)}]
+        entry = {"name": name, "first_doc_id": first, "n_docs": len(docs), "files": files}
+        manifest["segments"] = [*manifest["segments"], entry]
         manifest["next_doc_id"] = first + len(docs)
         manifest, dropped = _tombstoned(manifest, replacing)
-        self._commit(manifest)
-        self._delete_segments(dropped)
+        self._commit(manifest, "append")
+        self._delete_segments(dropped, "append")
         return doc_ids
 
     def remove(self, doc_ids: Iterable[int]) -> None:
@@ -388,8 +386,8 @@ class Bank:
         if not doc_ids:
             return
         manifest, dropped = _tombstoned(dict(self._manifest), doc_ids)
-        self._commit(manifest)
-        self._delete_segments(dropped)
+        self._commit(manifest, "remove")
+        self._delete_segments(dropped, "remove")
 
     @property
     def info(self) -> dict:
@@ -399,7 +397,7 @@ class Bank:
     def set_info(self, key: str, value) -> None:
         """Record a JSON value under `key` in the manifest and commit."""
         self._require_lock()
-        self._commit(dict(self._manifest, info={**self.info, key: value}))
+        self._commit(dict(self._manifest, info={**self.info, key: value}), "info")
 
     def _live_ids(self, doc_ids: Iterable[int]) -> set[int]:
         doc_ids = set(doc_ids)
@@ -408,11 +406,15 @@ class Bank:
             raise MsaError(f"bank {self.path} has no live document {missing[0]}")
         return doc_ids
 
-    def _delete_segments(self, names: list[str]) -> None:
+    def _delete_segments(self, names: list[str], step: str) -> None:
         # After the commit: readers holding an older snapshot keep their mappings (the files stay readable
-        # until unmapped), and a crash before this line leaves orphans that the next writer deletes.
+        # until unmapped), and a crash before the end leaves orphans that the next writer deletes.
+        if not names:
+            return
+        crash_point(f"{step}:before-delete")
         for name in names:
             shutil.rmtree(self.path / SEGMENTS / name)
+        crash_point(f"{step}:after-delete")
 
     def reindex(self, router: dict, compute_keys: Callable[[list[Document]], tuple[Tensor, list[int]]],
                 router_weights: RouterWeights | None = None) -> None:
@@ -422,7 +424,7 @@ class Bank:
         router = _json_normalised(router)
         old_route = _route_file(self.settings["router"]["id"])
         settings = dict(self.settings, router=router)
-        _check_settings(settings)
+        check.check_settings(settings)
         new_route = _route_file(router["id"])
         if new_route == old_route:
             # Route files are immutable: new keys need a new id (e.g. one naming the router weights' hash).
@@ -433,25 +435,36 @@ class Bank:
             live[doc.segment].append(doc)
         # Tombstoned rows get no keys: the router never needs them again.
         key_shape = None
-        for name, docs in live.items():
+        segments = []
+        for entry in self._manifest["segments"]:
+            docs = live[entry["name"]]
             keys, counts = compute_keys(docs)
             route = _route_tensors(settings, keys, counts, [d.row for d in docs], key_shape)
             key_shape = tuple(keys.shape[1:])
-            directory = self.path / SEGMENTS / name
-            _save_safetensors(route, directory / new_route)
+            directory = self.path / SEGMENTS / entry["name"]
+            record = _save_safetensors(route, directory / new_route)
             _fsync_dir(directory)
+            files = {name: r for name, r in entry.get("files", {}).items() if name != old_route}
+            segments.append(dict(entry, files={**files, new_route: record}))
+        crash_point("reindex:routes-written")
+        old_weights = _router_weights_file(self.settings["router"]["id"])
+        files = {name: r for name, r in self._manifest.get("files", {}).items() if name != old_weights}
         if router_weights:
             weights, meta = router_weights
-            _save_safetensors(weights, self.path / _router_weights_file(router["id"]), meta)
-        old_weights = self.path / _router_weights_file(self.settings["router"]["id"])
-        self._commit(dict(self._manifest, settings=settings))
+            new_weights = _router_weights_file(router["id"])
+            files[new_weights] = _save_safetensors(weights, self.path / new_weights, meta)
+            crash_point("reindex:router-written")
+        self._commit(dict(self._manifest, settings=settings, segments=segments, files=files), "reindex")
+        crash_point("reindex:before-delete")
         for name in live:
             (self.path / SEGMENTS / name / old_route).unlink()
-        old_weights.unlink(missing_ok=True)
+        (self.path / old_weights).unlink(missing_ok=True)
+        crash_point("reindex:after-delete")
 
-    def _commit(self, manifest: dict) -> None:
+    def _commit(self, manifest: dict, step: str) -> None:
+        """step: what commits (create, append, remove, info, reindex), naming its crash points."""
         manifest["updated"] = _now()
-        _write_manifest(self.path, manifest)
+        _write_manifest(self.path, manifest, step)
         self._load()
 
     def _require_lock(self) -> None:
@@ -477,21 +490,20 @@ def _tombstoned(manifest: dict, doc_ids: set[int]) -> tuple[dict, list[str]]:
 
 
 def _read_manifest(path: Path) -> dict:
+    """The manifest, checked (check.check_manifest); Damaged if it is not a well-formed manifest."""
     try:
-        text = (path / MANIFEST).read_text(encoding="utf-8")
+        raw = (path / MANIFEST).read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         raise BankNotFound(f"no bank at {path} (`msa ingest` makes one)") from None
-    try:
-        manifest = json.loads(text)
-        version = manifest["format_version"]
-    except (ValueError, TypeError, KeyError) as e:
-        raise BankMismatch(f"bank {path} is unreadable: {MANIFEST}: {e}") from None
-    if version != FORMAT_VERSION:
+    manifest = check.json_object(path / MANIFEST, raw, "the manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:   # first: another version may have another layout
         raise BankMismatch(f"bank {path} has format version {version}; this msa reads version {FORMAT_VERSION}")
+    check.check_manifest(path / MANIFEST, manifest)
     return manifest
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
+def _write_manifest(path: Path, manifest: dict, step: str) -> None:
     """The commit: write a temporary file, make it durable, rename it over the manifest, make the rename
     durable."""
     tmp = path / (MANIFEST + ".tmp")
@@ -499,8 +511,37 @@ def _write_manifest(path: Path, manifest: dict) -> None:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    crash_point(f"{step}:manifest-tmp")
     os.replace(tmp, path / MANIFEST)
     _fsync_dir(path)
+    crash_point(f"{step}:renamed")
+
+
+def _create(path: Path, settings: dict, template: dict[str, Tensor], router_weights: RouterWeights | None) -> None:
+    """A new bank's first commit: the template K/V and the router's weights, then a manifest with no segments.
+    The caller holds the lock and found no manifest."""
+    files = {TEMPLATE: _save_safetensors(template, path / TEMPLATE)}
+    crash_point("create:template")
+    if router_weights:
+        weights, meta = router_weights
+        name = _router_weights_file(settings["router"]["id"])
+        files[name] = _save_safetensors(weights, path / name, meta)
+        crash_point("create:router")
+    now = _now()
+    manifest = {"format_version": FORMAT_VERSION, "settings": settings, "segments": [], "tombstones": [],
+                "next_doc_id": 0, "created": now, "updated": now, "files": files}
+    _write_manifest(path, manifest, "create")
+    _fsync_dir(path.parent)  # the bank directory itself may be new
+    _remove_orphans(path, manifest)  # segments a crashed earlier create may have left
+
+
+def _refuse_strangers(path: Path) -> None:
+    """A directory without a manifest may hold only what a crashed create leaves: never make a bank among
+    someone's files (`msa ingest ~/Documents --bank ~/Documents`)."""
+    strangers = sorted(f for f in set(os.listdir(path)) - _CREATE_LEFTOVERS if not f.startswith("router."))
+    if strangers:
+        raise MsaError(f"{path} is not empty ({strangers[0]}, ...) and holds no bank; "
+                       f"choose another bank directory", USAGE)
 
 
 def _remove_orphans(path: Path, manifest: dict) -> None:
@@ -522,22 +563,6 @@ def _remove_orphans(path: Path, manifest: dict) -> None:
         for f in directory.glob("route.*.safetensors"):
             if f.name != route:
                 f.unlink()
-
-
-def _check_settings(settings: dict) -> None:
-    """The settings the bank itself reads; the rest is opaque to it."""
-    try:
-        layers = settings["content_layers"]
-        ok = (isinstance(layers, list) and all(isinstance(l, int) for l in layers)
-              and settings["dtype"] in FLOAT_DTYPES
-              and all(isinstance(settings[k], int) for k in ("kv_heads", "head_dim"))
-              and isinstance(settings["router"]["id"], str) and _ROUTER_ID.fullmatch(settings["router"]["id"]))
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise ValueError("bank settings need content_layers (list of int), dtype (one of "
-                         f"{sorted(FLOAT_DTYPES)}), kv_heads, head_dim (int) and router {{id: file-name-safe str}}; "
-                         f"got {settings}")
 
 
 def _check_same_settings(path: Path, stored: dict, expected: dict) -> None:
@@ -625,55 +650,57 @@ def _template_tensors(settings: dict, template_kv: dict[int, tuple[Tensor, Tenso
     return tensors
 
 
-def _check_span(span: dict) -> None:
-    if (not isinstance(span, dict) or set(span) != {"page", "line_start", "line_end"}
-            or not all(v is None or isinstance(v, int) for v in span.values())):
-        raise ValueError(f"a span is {{page, line_start, line_end}}, each int or None; got {span}")
-
-
-def _map_safetensors(path: Path) -> dict[str, Tensor]:
-    """Map a safetensors file read-only: 8-byte little-endian header length, JSON header, then the data.
-    Returns tensors that view the mapping, so nothing is read until it is touched."""
+def _map_safetensors(path: Path, record: dict | None, check_tensors) -> dict[str, Tensor]:
+    """Map a safetensors file read-only, once its header passed check.safetensors_header and
+    check_tensors(path, tensors) (the tensors this file must hold). Returns tensors that view the mapping, so
+    nothing is read until it is touched."""
+    tensors, _ = check.safetensors_header(path, record)
+    check_tensors(path, tensors)
     buf = np.memmap(path, dtype=np.uint8, mode="r")
-    header_len = int.from_bytes(buf[:8].tobytes(), "little")
-    try:
-        header = json.loads(buf[8:8 + header_len].tobytes())
-    except ValueError as e:
-        raise BankMismatch(f"{path} is unreadable: {e}") from None
-    data = buf[8 + header_len:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _MAPPED_DTYPES:
-            raise BankMismatch(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        np_dtype, torch_dtype = _MAPPED_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        array = data[begin:end].view(np_dtype).reshape(info["shape"])
+    mapped = {}
+    for name, t in tensors.items():
+        np_dtype, torch_dtype = TENSOR_DTYPES[t.dtype]
+        array = buf[t.begin:t.end].view(np_dtype).reshape(t.shape)
         # The mapping is read-only by design (segments are immutable); torch warns that it cannot
         # express that. Writing to these tensors in place would fault, and nothing here does.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            tensors[name] = torch.from_numpy(array).view(torch_dtype)
-    return tensors
+            mapped[name] = torch.from_numpy(array).view(torch_dtype)
+    return mapped
 
 
-def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def _map_template(path: Path, settings: dict, record: dict | None) -> dict[str, Tensor]:
+    return _map_safetensors(path, record, lambda p, tensors: check.template_tensors(p, tensors, settings))
+
+
+def _check_router_weights(path: Path, settings: dict, record: dict | None) -> None:
+    """The engine reads this file itself (router.load_spec): its header, and the spec in it, are checked here."""
+    _, metadata = check.safetensors_header(path, record)
+    check.router_file(path, metadata, settings)
+
+
+def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> dict:
+    """Write a file durably; returns what the manifest records of it (size, sha256)."""
     save_file(tensors, path, metadata=metadata)
     _fsync_file(path)
+    return check.file_record(path)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def _write_jsonl(path: Path, rows: list[dict]) -> dict:
+    """Write a file durably; returns what the manifest records of it (size, sha256)."""
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    return check.file_record(path)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _fsync_file(path: Path) -> None:

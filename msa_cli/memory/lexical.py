@@ -3,23 +3,30 @@
 bm25s (a maintained BM25 library) over each document's stored text, as lowercase words without English stop
 words. The index is saved inside the bank (lexical/<key>, key = a hash of the live document ids), so it is
 rebuilt only after the bank changes: writers build it when they finish (ingest, forget), and a reader that
-finds none for its snapshot builds its own in memory.
+finds none for its snapshot builds its own in memory. It is a cache: a saved index is used only if every file
+is what its writer recorded in files.json (size and sha256), else readers build their own and the next writer
+replaces it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..faults import crash_point
 from .bank import Bank
+from .check import Damaged, file_record, json_object
 
 DIRECTORY = "lexical"
+FILES = "files.json"       # name -> {size, sha256} of every other file of a saved index, written last
 
 
 class LexicalIndex:
@@ -60,24 +67,45 @@ def tokenize(texts: list[str], ids: bool = True):
     return bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=ids)
 
 
-def _key(bank: Bank) -> str:
-    ids = np.array(sorted(d.doc_id for d in bank.documents()), dtype=np.int64)
-    return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+def _live_ids(bank: Bank) -> list[int]:
+    return sorted(d.doc_id for d in bank.documents())
+
+
+def _key(ids: list[int]) -> str:
+    return hashlib.sha256(np.array(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def for_bank(bank: Bank) -> LexicalIndex:
     """The bank's saved index for its current documents, else one built in memory."""
+    ids = _live_ids(bank)
+    try:
+        return _load(bank.path / DIRECTORY / _key(ids), ids)
+    except Exception:   # none saved, damaged, or replaced by a writer while we read: a cache, so build our own
+        return _build(bank)
+
+
+def _load(path: Path, ids: list[int]) -> LexicalIndex:
+    """The index saved at `path`, if it is exactly what a writer saved for the documents `ids`; raises otherwise
+    (Damaged naming the file, or whatever reading it raised)."""
     import bm25s
 
-    path = bank.path / DIRECTORY / _key(bank)
-    if path.is_dir():
-        try:
-            logging.getLogger("bm25s").setLevel(logging.ERROR)
-            retriever = bm25s.BM25.load(path, show_progress=False)
-            return LexicalIndex(retriever, torch.from_numpy(np.load(path / "doc_ids.npy")))
-        except (OSError, ValueError, KeyError):
-            pass   # a writer replaced it while we read: build our own
-    return _build(bank)
+    _check_files(path)
+    doc_ids = np.load(path / "doc_ids.npy", allow_pickle=False)
+    if doc_ids.tolist() != ids:
+        raise Damaged(path / "doc_ids.npy", "indexes other documents than the bank's live ones")
+    logging.getLogger("bm25s").setLevel(logging.ERROR)
+    return LexicalIndex(bm25s.BM25.load(path, show_progress=False), torch.from_numpy(doc_ids))
+
+
+def _check_files(path: Path) -> None:
+    # Hashed, not just sized: bm25s trusts its arrays (a flipped index would fail scoring, not loading).
+    recorded = json_object(path / FILES, (path / FILES).read_bytes(), "the list of files")
+    present = {f.name for f in path.iterdir()} - {FILES}
+    if present != set(recorded):
+        raise Damaged(path / FILES, f"lists {sorted(recorded)}, the index holds {sorted(present)}")
+    for name, record in recorded.items():
+        if file_record(path / name) != record:
+            raise Damaged(path / name, f"size or sha256 differs from what its writer recorded in {FILES}")
 
 
 def _build(bank: Bank) -> LexicalIndex:
@@ -86,21 +114,59 @@ def _build(bank: Bank) -> LexicalIndex:
 
 
 def save_for_bank(bank: Bank) -> None:
-    """Build and save the index of the bank's current documents, removing older ones. The caller holds the
-    bank's lock (and has committed)."""
+    """Build and save the index of the bank's current documents unless a sound one is saved already, and remove
+    older ones. The caller holds the bank's lock (and has committed)."""
     root = bank.path / DIRECTORY
-    key = _key(bank)
-    if not (root / key).is_dir():
-        index = _build(bank)
-        tmp = root / f".{key}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        index.retriever.save(tmp, show_progress=False)
-        np.save(tmp / "doc_ids.npy", index.doc_ids.numpy())
-        os.replace(tmp, root / key)
+    ids = _live_ids(bank)
+    key = _key(ids)
+    try:
+        _load(root / key, ids)
+    except Exception:   # none, or damaged: (re)build it
+        _save(_build(bank), root, key)
     for old in root.iterdir():
         if old.name != key:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _save(index: LexicalIndex, root: Path, key: str) -> None:
+    """Write the index into a temporary directory and rename it into place: a reader sees all of it or none.
+    No fsync: after a power loss a damaged index fails its hashes, and is rebuilt like any other."""
+    tmp = root / f".{key}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index.retriever.save(tmp, show_progress=False)
+    np.save(tmp / "doc_ids.npy", index.doc_ids.numpy())
+    records = {f.name: file_record(f) for f in sorted(tmp.iterdir())}
+    (tmp / FILES).write_text(json.dumps(records, indent=1), encoding="utf-8")
+    crash_point("lexical:tmp-written")
+    shutil.rmtree(root / key, ignore_errors=True)   # a damaged index of these documents: rename needs room
+    os.replace(tmp, root / key)
+    crash_point("lexical:renamed")
+
+
+def check_saved(bank_path: Path, ids: list[int]) -> tuple[list[str], list[str]]:
+    """For `msa check`: (problems, notes) of the saved indexes of a bank whose live documents are `ids`."""
+    root = bank_path / DIRECTORY
+    if not root.is_dir():
+        return [], []
+    key = _key(ids)
+    problems, notes = [], []
+    for path in sorted(root.iterdir()):
+        name = f"{DIRECTORY}/{path.name}"
+        if path.name != key:
+            notes.append(f"{name}: not the index of the current documents (the next writer removes it)")
+        elif not (path / FILES).is_file():
+            notes.append(f"{name}: saved without {FILES} (by an older msa): readers build their own index "
+                         f"until the next writer replaces it")
+        else:
+            try:
+                _load(path, ids)
+            except Damaged as e:
+                problems.append(f"{e.where(bank_path)}; readers build their own index, the next writer replaces it")
+            except Exception as e:   # whatever else reading it raised: the cache is unusable
+                problems.append(f"{name}: unusable ({type(e).__name__}: {e}); readers build their own index, "
+                                f"the next writer replaces it")
+    return problems, notes
 
 
 def fused(router: Tensor, bm25: Tensor, weight: float) -> Tensor:

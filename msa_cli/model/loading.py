@@ -8,12 +8,14 @@ never read with a model it was not built with.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +116,26 @@ def converted_gguf(gguf: Path) -> Path:
     target = settings.msa_home() / "models" / f"{gguf.stem}-{key}"
     if (target / "msa-model.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion at a time: a second process waits for the first instead of converting too, and finds
+    # its result. So, under the lock, a .converting-* folder is what a killed conversion left (~0.5 GB).
+    with _exclusive(target.parent / ".converting.lock"):
+        if (target / "msa-model.json").is_file():
+            return target
+        for leftover in target.parent.glob(".converting-*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+        try:
+            _convert(gguf, tmp)
+            os.replace(tmp, target)  # atomic: a half-written conversion is never mistaken for a finished one
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF with transformers and save it as a Hugging Face directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -130,19 +152,20 @@ def converted_gguf(gguf: Path) -> Path:
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "msa-model.json").write_text(json.dumps(
+        {"name": gguf.stem, "source": str(gguf), "weights_sha256": file_sha256(gguf)}))
+
+
+@contextmanager
+def _exclusive(lock_file: Path):
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "msa-model.json").write_text(json.dumps(
-            {"name": gguf.stem, "source": str(gguf), "weights_sha256": file_sha256(gguf)}))
-        os.replace(tmp, target)  # atomic: a half-written conversion is never mistaken for a finished one
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "msa-model.json").is_file():  # another process may have won the race
-            raise
-    return target
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
 
 
 def read_identity(directory: Path) -> dict:
@@ -157,7 +180,7 @@ def weights_sha256(files: list[Path], directory: Path) -> str:
     if known:
         return known
     cache_file = settings.msa_home() / "weights-hashes.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache = _read_hash_cache(cache_file)
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -166,8 +189,20 @@ def weights_sha256(files: list[Path], directory: Path) -> str:
             cache[key] = file_sha256(f)
         h.update(cache[key].encode())
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(cache))
+    # Written whole and renamed into place: a concurrent reader sees the old cache or the new one, never half.
+    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache))
+    os.replace(tmp, cache_file)
     return h.hexdigest()
+
+
+def _read_hash_cache(path: Path) -> dict[str, str]:
+    """The cached hashes; a missing or damaged cache is an empty one (it only saves time)."""
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in cache.items() if isinstance(v, str)} if isinstance(cache, dict) else {}
 
 
 def file_sha256(path: Path) -> str:

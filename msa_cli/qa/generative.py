@@ -7,11 +7,25 @@ writes the ids of the documents it wants, `[4]<|object_ref_end|>`, and their ori
 next round; or it writes `<End-of-Retrieve>`, the question is restated, and it answers
 "The answer to the question is: ...".
 
+Followed as the reference does it (digest §4), since that is what MSA-4B was trained on:
+- which tokens route: in round 1 the whole user content; in later rounds the user content up to "...related to
+  the question" (not the "\n" after it) and the text of the latest block read (not its `<|object_ref_end|>`).
+  The reference finds that block after the last "]<|object_ref_end|>[": a block routes when it is not empty and
+  the reply before it ends in "]<|object_ref_end|>"; otherwise the block that routed before goes on routing;
+- the block holds every document named in the round's reply that memory has, read before or not; unknown ids are
+  dropped, so naming only those injects a bare `<|object_ref_end|>`; either way the model routes again;
+- a round ends at `<|object_ref_end|>`, `<End-of-Retrieve>`, `<|im_end|>`, or once the reply passes 1000
+  characters (each token decoded on its own, special tokens shown).
+
 Where the reference implementation is fragile (digest §7), this does what the paper describes instead:
 - rounds are capped (`hops`; B9): at the cap the question is restated and the model must answer;
+- a reply cut at 1000 characters is answered after the restated question (the reference feeds `<|im_end|>`, the
+  fallback of its empty injection);
 - a block fed after decoding (the restatement) attends causally within itself (B6: qa.generate.local_attention);
 - a layer selects at most as many documents as are live, so no padding slot is ever read (B8: Engine.select);
-- each piece of the transcript is tokenized on its own, so which tokens route is exact (B10);
+- each piece of the transcript is tokenized on its own, so which tokens route is exact (B10); pieces are cut only
+  where the tokenizer cuts anyway (at special tokens, and before the "\n" after "...the question", which Qwen's
+  pre-tokenizer keeps apart), so their ids are those of the reference's transcript tokenized whole;
 - only ids the model wrote in this round's reply are read, never numbers inside injected text (B11).
 """
 
@@ -37,7 +51,7 @@ REF_END = "<|object_ref_end|>"
 END_OF_RETRIEVE = "<End-of-Retrieve>"
 RESTATEMENT = "<|im_start|>The user's question is: {question}\n<|object_ref_end|>"
 ANSWER_LEAD = "The answer to the question is:"
-ROUND_TOKENS = 64   # most tokens a retrieval round may write: ids are short (the reference gives up at 1000 chars)
+ROUND_CHARS = 1000   # a retrieval round ends once its reply is longer (the reference's max_ret_len)
 DOC_ID = re.compile(r"\[(\d+)\]")
 
 
@@ -67,6 +81,23 @@ class RoutedMemory:
             ids, scores, k, v = self.engine.select(i, x, self.top_k)
             self.selected[i], self.scores[i], self._kv[i] = ids, scores, (k, v)
         return self._kv[i]
+
+
+class RoundEnd:
+    """Whether a retrieval round's reply is over (digest §4.2): it named ids (`<|object_ref_end|>`), it is done
+    retrieving (`<End-of-Retrieve>`), or it is longer than ROUND_CHARS characters, counted as the reference counts
+    them: each token decoded on its own, special tokens shown."""
+
+    def __init__(self, tokenizer, ref_end: int):
+        self.tokenizer, self.ref_end, self.chars = tokenizer, ref_end, 0
+
+    def __call__(self, out: list[int]) -> bool:
+        self.chars += len(self.tokenizer.decode(out[-1:]))
+        return out[-1] == self.ref_end or END_OF_RETRIEVE in self.tokenizer.decode(out[-8:]) or self.too_long
+
+    @property
+    def too_long(self) -> bool:
+        return self.chars > ROUND_CHARS
 
 
 class Round:
@@ -109,18 +140,17 @@ def ask_generative(engine: Engine, question: str, max_rounds: int, max_tokens: i
 
     ref_end = tok.convert_tokens_to_ids(REF_END)
     by_id = {d.doc_id: d for d in engine.bank.documents()}
-    pieces = [Piece(ids(INSTRUCTION + question + RETURN_DOCUMENTS), True), Piece(ids(TEMPLATE_TAIL), False),
-              Piece(ids(RESPONSE_HEAD), False)]
+    # The "\n" that ends the user content routes in round 1 only, hence a piece of its own.
+    user, newline = Piece(ids(INSTRUCTION + question + RETURN_DOCUMENTS[:-1]), True), Piece(ids("\n"), True)
+    pieces = [user, newline, Piece(ids(TEMPLATE_TAIL), False), Piece(ids(RESPONSE_HEAD), False)]
     retrieval, tokens, read = Retrieval(), 0, set()
     t0 = time.perf_counter()
 
-    def retrieval_done(out: list[int]) -> bool:
-        return out[-1] == ref_end or END_OF_RETRIEVE in tok.decode(out[-8:])
-
     answer: list[int] | None = None
     for hop in range(1, max_rounds + 1):
-        current = Round(engine, pieces)
-        reply = current.write(ROUND_TOKENS, stop_when=retrieval_done)
+        current, over = Round(engine, pieces), RoundEnd(tok, ref_end)
+        # a token shows at least one character, so the character cap ends the round before this token budget
+        reply = current.write(ROUND_CHARS + 1, stop_when=over)
         tokens += len(reply)
         pieces.append(Piece(reply, False))
         text = tok.decode(reply)
@@ -129,7 +159,7 @@ def ask_generative(engine: Engine, question: str, max_rounds: int, max_tokens: i
                                   selected=[], scores=[],
                                   best=max((s[0] for s in routed.scores.values() if s), default=None),
                                   layers={layer: routed.selected[layer] for layer in sorted(routed.selected)}))
-        if END_OF_RETRIEVE in text or (len(reply) >= ROUND_TOKENS and reply[-1] != ref_end):   # answer now
+        if END_OF_RETRIEVE in text or over.too_long:   # answer now
             restated = ids(RESTATEMENT.format(question=question))
             pieces.append(Piece(restated, False))
             answer = current.write(max_tokens, feed=restated, on_token=stream)
@@ -140,20 +170,24 @@ def ask_generative(engine: Engine, question: str, max_rounds: int, max_tokens: i
             for t in reply if stream else ():
                 stream(t)
             break
-        # unknown ids are dropped, as in the reference; so are ids it has read already
-        new = [i for i in sorted({int(m) for m in DOC_ID.findall(text)}) if i in by_id and i not in read]
-        if not new:
-            break                     # it named nothing new to read: answer from what it has
+        named = [i for i in sorted({int(m) for m in DOC_ID.findall(text)}) if i in by_id]   # unknown: dropped
+        new = [i for i in named if i not in read]   # a source is counted once, in the round that first read it
         shares = [_layer_share(routed, i) for i in new]
         retrieval.hops[-1].selected, retrieval.hops[-1].scores = new, shares
         retrieval.hits += [Hit(by_id[i], share, _best_score(routed, i)) for i, share in zip(new, shares)]
         retrieval.hop_of += [hop] * len(new)
         read |= set(new)
-        block = "".join(f"[{i}]. {by_id[i].text}\n" for i in new) + REF_END
-        for p in pieces:              # only the question and the block just read route (digest §4.2)
-            p.routes = p is pieces[0]
-        pieces.append(Piece(ids(block), True))
-    if answer is None:                # the round cap, or nothing new named: restate, prefill once more, answer
+        block = "".join(f"[{i}]. {by_id[i].text}\n" for i in named)
+        # the reference routes the text after the last "]<|object_ref_end|>[" (up to its <|object_ref_end|>)
+        routes = bool(block) and text.endswith("]" + REF_END)
+        newline.routes = False
+        if routes:
+            for p in pieces:          # the block just read replaces the one that routed before
+                p.routes = p is user
+        if block:
+            pieces.append(Piece(ids(block), routes))
+        pieces.append(Piece([ref_end], False))
+    if answer is None:                # the round cap: restate, prefill once more, answer
         pieces.append(Piece(ids(RESTATEMENT.format(question=question)), False))
         answer = Round(engine, pieces).write(max_tokens, on_token=stream)
         tokens += len(answer)
