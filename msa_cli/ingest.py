@@ -149,11 +149,11 @@ class _Scan:
 
     def run(self, roots: list[Path]) -> None:
         items = unique_files(roots, exclude=[self.engine.bank.path])
-        total = sum(_size(item) for _, item in items if isinstance(item, Path))
+        sizes = {item: _size(item) for _, item in items if isinstance(item, Path)}   # stat each file once
         # The ETA comes from bytes read: cheap to know up front, unlike tokens, and it tracks encoding time
         # once the rate settles.
-        self.bar = tqdm(total=total, desc="ingesting", unit="B", unit_scale=True, disable=not self.progress,
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=sum(sizes.values()), desc="ingesting", unit="B", unit_scale=True,
+                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         named = {root: not os.path.isdir(root) for root in roots}
         try:
             for root, item in items:
@@ -161,7 +161,7 @@ class _Scan:
                     self.skip(item, named[root])
                 else:
                     self.file(item, named[root])
-                    self.bar.update(_size(item))
+                    self.bar.update(sizes[item])
             self.commit()
         finally:
             self.bar.close()
