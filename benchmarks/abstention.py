@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msa_cli.evaluation import default_eval_bank, load_set
+from msa_cli.corpus.eval_set import load_set
+from msa_cli.evaluation import default_eval_bank
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 5

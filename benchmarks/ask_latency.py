@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msa_cli.evaluation import default_eval_bank, load_set
+from msa_cli.corpus.eval_set import load_set
+from msa_cli.evaluation import default_eval_bank
 from scaling_curve import grown_set   # the same banks: gold passages, then 2wiki up to a size
 
 DEV_START = 1500

@@ -24,8 +24,9 @@ import torch
 
 from msa_cli.engine import BANK_DTYPE, bank_settings
 from msa_cli.memory.bank import Bank, NewDocument
-from msa_cli.memory.encoder import document_ids, encode, template_kv
-from msa_cli.memory.router import Router, default_router
+from msa_cli.memory.encoder import encode, template_kv
+from msa_cli.memory.mode import mode_for
+from msa_cli.memory.router import Router
 from msa_cli.model.loading import converted_gguf, default_gguf, load_model
 from msa_cli.settings import PACK_TOKENS, POOLING
 
@@ -74,10 +75,11 @@ def main() -> None:
 
     model = load_model(dtype=torch.bfloat16)
     cfg = model.backbone.cfg
-    router = Router(default_router(model))
-    settings = bank_settings(model, router.spec)
+    mode = mode_for(model)
+    router = Router(mode.default_router())
+    settings = bank_settings(mode, router.spec)
     texts = passages(args.passages)
-    docs = [document_ids(model.tokenizer, t) for t in texts]
+    docs = [mode.document_tokens(t, 0) for t in texts]
     n_tokens = sum(map(len, docs))
     common = {"passages": len(docs), "tokens": n_tokens, "threads": torch.get_num_threads()}
 

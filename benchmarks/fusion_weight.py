@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from msa_cli.corpus.eval_set import load_set
 from msa_cli.engine import Engine
-from msa_cli.evaluation import load_set, metrics, ranked_files
+from msa_cli.evaluation import metrics, ranked_files
 from msa_cli.ingest import ingest
-from msa_cli.memory import lexical
 from msa_cli.memory.encoder import routing_query
-from msa_cli.memory.router import default_router, load_spec
+from msa_cli.memory.mode import mode_for
+from msa_cli.memory.router import load_spec
 from msa_cli.model.loading import load_model
 
 TRAIN, HELD_OUT = 1500, 150
@@ -54,12 +55,12 @@ def main() -> None:
 
     model = load_model()
     s = load_set(held_out_set(args.nq, args.work / "set"))
-    spec = load_spec(args.router) if args.router else default_router(model)
+    spec = load_spec(args.router) if args.router else mode_for(model).default_router()
     engine = Engine.open(model, args.work / f"bank-{spec.id}", create=True, new_router=spec)
     ingest(engine, [s.corpus])
     docs = engine.bank.documents()
     index = {d.doc_id: i for i, d in enumerate(docs)}
-    bm25 = lexical.for_bank(engine.bank)
+    bm25 = engine.bank.lexical()
     learned, lex, order = [], [], None
     for q in s.questions:
         ids, scores = engine.router.scores(routing_query(model.backbone, model.tokenizer, engine.router,

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from msa_cli import settings
+from msa_cli.corpus.eval_set import load_set
 from msa_cli.engine import Engine
-from msa_cli.evaluation import default_eval_bank, load_set
+from msa_cli.evaluation import default_eval_bank
 from msa_cli.ingest import ingest
 from msa_cli.model.loading import load_model
 from msa_cli.qa.ask import relevance

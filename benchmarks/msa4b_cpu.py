@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from msa_cli.corpus.splitter import Passage
-from msa_cli.engine import Engine, document_tokens
+from msa_cli.engine import Engine
 from msa_cli.model.backbone import Backbone, ModelConfig
 from msa_cli.model.loading import Model, load_model
+from msa_cli.model.decode import Decoder, KVCache
 from msa_cli.model.msa_checkpoint import MsaSettings
 from msa_cli.qa import generative
-from msa_cli.qa.generate import Decoder, KVCache
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 36, 2560, 32, 8, 128, 9728, 151936
 ROUTER_LAYERS = tuple(range(18, 36))
@@ -106,8 +106,8 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             engine.commit([(p, "x") for p in docs], encoded)
         stats = engine.bank.stats()
-        # What stage 1 encodes: each passage in its id wrapper (engine.MSA_DOCUMENT).
-        wrapped = sum(len(document_tokens(model, d.text, d.doc_id)) for d in engine.bank.documents())
+        # What stage 1 encodes: each passage in its id wrapper (model.protocol.MSA_DOCUMENT).
+        wrapped = sum(len(engine.mode.document_tokens(d.text, d.doc_id)) for d in engine.bank.documents())
         print(json.dumps({"what": "stage 1 (ingest)", "documents": len(docs), "tokens_encoded": wrapped,
                           "tokens_per_s": round(wrapped / seconds, 1), "seconds": round(seconds, 1)}), flush=True)
         hot, cold = stats["bytes_on_disk"]["hot"], stats["bytes_on_disk"]["cold"]

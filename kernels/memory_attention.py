@@ -50,7 +50,15 @@ def memory_attention_triton(q, k_local, v_local, k_mem, v_mem, mem_index, *, sca
     imported here, on first use, not with this module: it is installed on Linux only."""
     from . import triton_memory_attention
 
-    return triton_memory_attention.memory_attention_triton(q, k_local, v_local, k_mem, v_mem, mem_index, scale=scale)
+    n_queries, _, dim = q.shape
+    if k_local.shape[0] < n_queries:
+        raise ValueError(f"local length ({k_local.shape[0]}) must cover the {n_queries} query tokens")
+    group = _check_heads(q, k_local)
+    out = torch.empty_like(q)
+    if n_queries:
+        triton_memory_attention.launch(q, k_local, v_local, k_mem, v_mem, mem_index, out, group,
+                                       dim**-0.5 if scale is None else scale)
+    return out
 
 
 def memory_attention(q, k_local, v_local, k_mem, v_mem, mem_index, *, scale=None) -> torch.Tensor:

@@ -55,7 +55,12 @@ def route_scores_triton(q, keys, key_doc, n_docs) -> torch.Tensor:
     fp32. Triton is imported here, on first use, not with this module: it is installed on Linux only."""
     from . import triton_routing
 
-    return triton_routing.route_scores_triton(q, keys, key_doc, n_docs)
+    doc_score = torch.full((n_docs,), float("-inf"), dtype=torch.float32, device=keys.device)
+    if q.shape[0] == 0 or keys.shape[0] == 0:
+        return doc_score
+    qg = _fold_query_heads(q, keys.shape[1]).to(keys.device).contiguous()  # [T, Hk*d]
+    triton_routing.launch(qg, keys, key_doc.to(keys.device), doc_score)
+    return doc_score
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -8,8 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .memory_attention import _check_heads
-
 
 @triton.jit
 def _online_softmax_step(q, k, v, valid, m_i, l_i, acc, scale):
@@ -111,17 +109,11 @@ def _memory_attention_kernel(
     )
 
 
-def memory_attention_triton(q, k_local, v_local, k_mem, v_mem, mem_index, *, scale=None) -> torch.Tensor:
-    """Flash-attention style kernel, grid (query blocks, query heads). Shapes as memory_attention_torch."""
+def launch(q, k_local, v_local, k_mem, v_mem, mem_index, out, group: int, scale: float) -> None:
+    """Flash-attention style kernel into out [Tq, Hq, d], grid (query blocks, query heads); shapes as
+    memory_attention.memory_attention_torch, checked there (group: query heads per KV head)."""
     n_queries, n_query_heads, dim = q.shape
     n_local = k_local.shape[0]
-    if n_local < n_queries:
-        raise ValueError(f"local length ({n_local}) must cover the {n_queries} query tokens")
-    group = _check_heads(q, k_local)
-    scale = dim**-0.5 if scale is None else scale
-    out = torch.empty_like(q)
-    if n_queries == 0:
-        return out
     if k_mem.device != q.device:
         # Triton reads device memory only (a memory-mapped bank is not): bring over just the S
         # selected rows, not the pool.
@@ -139,4 +131,3 @@ def memory_attention_triton(q, k_local, v_local, k_mem, v_mem, mem_index, *, sca
         BLOCK_N=block_n,
         BLOCK_D=max(triton.next_power_of_2(dim), 16),
     )
-    return out

@@ -3,11 +3,8 @@
 Imported only when a Triton path is taken (routing.route_scores_triton): Triton is installed on Linux only.
 """
 
-import torch
 import triton
 import triton.language as tl
-
-from .routing import _fold_query_heads
 
 
 @triton.jit
@@ -64,21 +61,18 @@ def _route_scores_kernel(
     tl.atomic_max(doc_score_ptr + doc, chunk_score, mask=mask_n)
 
 
-def route_scores_triton(q, keys, key_doc, n_docs) -> torch.Tensor:
-    """Fused Triton scoring: q [T, Hq, d], keys [N, Hk, d], key_doc [N] -> doc_score [n_docs] fp32."""
+def launch(qg, keys, key_doc, doc_score) -> None:
+    """Fused Triton scoring into doc_score [n_docs] fp32 (max-merged): qg [T, Hk*d] the folded query
+    (routing._fold_query_heads), keys [N, Hk, d], key_doc [N], all on the GPU (or under the interpreter)."""
     n_keys, n_key_heads, dim = keys.shape
-    doc_score = torch.full((n_docs,), float("-inf"), dtype=torch.float32, device=keys.device)
-    n_tokens = q.shape[0]
-    if n_tokens == 0 or n_keys == 0:
-        return doc_score
-    qg = _fold_query_heads(q, n_key_heads).to(keys.device).contiguous()  # [T, Hk*d]
+    n_tokens = qg.shape[0]
     flat_dim = n_key_heads * dim
     block_n = 64
     grid = (triton.cdiv(n_keys, block_n),)
     _route_scores_kernel[grid](
         qg,
         keys,
-        key_doc.to(keys.device),
+        key_doc,
         doc_score,
         n_tokens,
         n_keys,
@@ -91,4 +85,3 @@ def route_scores_triton(q, keys, key_doc, n_docs) -> torch.Tensor:
         BLOCK_N=block_n,
         BLOCK_D=min(max(triton.next_power_of_2(flat_dim), 16), 128),
     )
-    return doc_score

@@ -3,6 +3,7 @@ progress, warnings and errors go to stderr. Exit codes are in errors.py and the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -23,21 +24,35 @@ DeviceOption = typer.Option(None, "--device", help="Where the model computes: 'c
                                                    "kernels) [env: MSA_DEVICE; default: cpu].")
 
 
+INSTALL_TORCH = "pip install torch==2.13.0"   # README.md's setup: the CPU build
+
 TOP_K_HELP = "Documents to read per hop (an MSA checkpoint reads its own top-k per router layer)."
 HOPS_HELP = "Memory Interleave's hop budget (for an MSA checkpoint: its most retrieval rounds)."
+# What `msa ask` and `msa chat` share.
+TopKOption = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help=TOP_K_HELP)
+HopsOption = typer.Option(settings.HOPS, "--hops", min=1, help=HOPS_HELP)
+MaxTokensOption = typer.Option(200, "--max-tokens", min=1)
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def existing_bank(bank: Optional[Path]) -> Path:
+    """The bank a command reads (--bank, else MSA_BANK or the default), checked before any model is loaded."""
+    from .memory.bank import Bank
+
+    path = bank or settings.default_bank()
+    if not Bank.exists(path):
+        raise errors.BankNotFound(f"no memory bank at {path}: make one with `msa ingest PATH`")
+    return path
+
+
 def open_engine(bank: Optional[Path], model: Optional[str], create: bool = False, device: Optional[str] = None):
     from .engine import Engine
     from .model.loading import load_model
 
-    path = bank or settings.default_bank()
-    if not create and not (path / "manifest.json").is_file():
-        raise errors.BankNotFound(f"no memory bank at {path}: make one with `msa ingest PATH`")
+    path = (bank or settings.default_bank()) if create else existing_bank(bank)
     return Engine.open(load_model(model, device=device), path, create=create)
 
 
@@ -75,7 +90,7 @@ def forget(paths: list[Path] = typer.Argument(..., help="Files or folders whose 
     from .ingest import forget as run_forget
     from .memory.bank import Bank
 
-    files, documents = run_forget(Bank.open(bank or settings.default_bank()), paths)
+    files, documents = run_forget(Bank.open(existing_bank(bank)), paths)
     say(f"forgot {files} files ({documents} documents)" if files else
         f"nothing in the bank comes from {', '.join(map(str, paths))}")
 
@@ -104,9 +119,7 @@ def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] =
 def ask(question: str = typer.Argument(..., help="The question, or '-' to read questions from stdin, one per line."),
         bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
         device: Optional[str] = DeviceOption,
-        top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help=TOP_K_HELP),
-        hops: int = typer.Option(settings.HOPS, "--hops", min=1, help=HOPS_HELP),
-        max_tokens: int = typer.Option(200, "--max-tokens", min=1),
+        top_k: int = TopKOption, hops: int = HopsOption, max_tokens: int = MaxTokensOption,
         abstain: bool = typer.Option(True, "--abstain/--no-abstain",
                                      help="Say so and exit 7 when nothing in memory is relevant (default), or read "
                                           "the best documents anyway."),
@@ -155,9 +168,7 @@ def write_out(text: str) -> None:
 @app.command()
 def chat(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
          device: Optional[str] = DeviceOption,
-         top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help=TOP_K_HELP),
-         hops: int = typer.Option(settings.HOPS, "--hops", min=1, help=HOPS_HELP),
-         max_tokens: int = typer.Option(200, "--max-tokens", min=1),
+         top_k: int = TopKOption, hops: int = HopsOption, max_tokens: int = MaxTokensOption,
          abstain: bool = typer.Option(True, "--abstain/--no-abstain",
                                       help="Say so when nothing in memory is relevant, or read the best anyway.")):
     """Ask questions one after another (line editing, history, :sources :k N :hops N :trace :quit)."""
@@ -190,12 +201,7 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
              as_json: bool = typer.Option(False, "--json", help="One JSON object keyed by system.")):
     """Measure a QA set, per system: recall@1/5/10, all-gold recall and MRR of the gold documents; unless
     --no-generate, also exact match, F1, contains-answer, abstention and latency of the answers."""
-    from .engine import Engine, reindex
-    from .evaluation import bank_summary, default_eval_bank, evaluate, load_set
-    from .ingest import ingest as run_ingest
-    from .memory.bank import Bank
-    from .memory.router import named_router
-    from .model.loading import load_model
+    from .evaluation import run
     from .qa.ask import Options
 
     unknown = sorted(set(baseline) - {"bm25", "dense", "full"})
@@ -203,24 +209,13 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
         raise errors.MsaError(f"unknown baseline {unknown[0]!r}: choose bm25, dense or full", errors.USAGE)
     if no_generate and "full" in baseline:
         raise errors.MsaError("baseline 'full' only answers: drop --no-generate", errors.USAGE)
-    s = load_set(set_dir, limit, skip)
-    if not no_generate and not all(q.get("answers") for q in s.questions):
-        raise errors.MsaError(f"{set_dir}: answering needs every question's \"answers\" (or use --no-generate)",
-                              errors.USAGE)
-    m = load_model(model, device=device)
-    path = bank or default_eval_bank(s)
-    spec = named_router(m, router) if router else None
-    if spec and Bank.exists(path):
-        reindex(m, path, spec)
-    engine = Engine.open(m, path, create=True, new_router=spec)
-    report = run_ingest(engine, [s.corpus], progress=sys.stderr.isatty())
-    say(report.summary())
     opts = None if no_generate else Options(top_k=top_k, hops=hops, max_tokens=max_tokens)
-    results = evaluate(engine, s, list(dict.fromkeys(baseline)), opts, log=say)
+    results, s, summary = run(set_dir, model, device, baseline, opts, limit=limit, skip=skip, bank=bank,
+                              router=router, progress=sys.stderr.isatty(), log=say)
     if as_json:
-        print(json.dumps({**results, "set": s.name, "bank": bank_summary(engine)}))
+        print(json.dumps({**results, "set": s.name, "bank": summary}))
         return
-    print(f"{s.name}: {len(s.questions)} questions, {bank_summary(engine)['documents']} documents")
+    print(f"{s.name}: {len(s.questions)} questions, {summary['documents']} documents")
     columns = [("recall@1", "recall@1"), ("recall@5", "recall@5"), ("recall@10", "recall@10"),
                ("all-gold@5", "all-gold@5"), ("mrr", "mrr"), ("ms_per_question", "ms/q")]
     if opts:
@@ -259,7 +254,7 @@ def train_router(out: Path = typer.Option(..., "--out", help="Router file to wri
     """Train a learned MSA router (router_q_proj / router_k_proj) on the frozen model; `msa reindex --router FILE`
     puts it to use."""
     from .model.loading import load_model
-    from .memory.router_training import train_router_file
+    from .training.router import train_router_file
 
     try:
         candidates = sorted({int(x) for x in layers.split(",") if x.strip()}) if layers else []
@@ -290,14 +285,12 @@ def reindex(router: str = typer.Option("default", "--router", help="'default', a
 
     from .engine import reindex as run_reindex
     from .memory.bank import Bank
-    from .memory.router import named_router
+    from .memory.mode import mode_for
     from .model.loading import load_model
 
-    path = bank or settings.default_bank()
-    if not Bank.exists(path):
-        raise errors.BankNotFound(f"no memory bank at {path}: make one with `msa ingest PATH`")
+    path = existing_bank(bank)
     m = load_model(model, device=device)
-    spec = named_router(m, router)
+    spec = mode_for(m).named_router(router)
     with tqdm(total=Bank.open(path).stats()["tokens"], desc="reindexing", unit=" tok", unit_scale=True,
               disable=not sys.stderr.isatty(), file=sys.stderr, leave=False) as bar:
         changed = run_reindex(m, path, spec, on_tokens=bar.update)
@@ -309,7 +302,7 @@ def status(bank: Optional[Path] = BankOption, as_json: bool = typer.Option(False
     """What the memory bank holds: files, documents, tokens, size on disk, model, router, last ingest."""
     from .memory.bank import Bank
 
-    path = bank or settings.default_bank()
+    path = existing_bank(bank)
     b = Bank.open(path)
     stats = b.stats()
     s = b.settings
@@ -337,7 +330,7 @@ def check(bank: Optional[Path] = BankOption,
     """Verify the whole memory bank, as SQLite's integrity_check does: the manifest, every file's format and
     recorded size and sha256, the documents and the lexical index. Reads only (no lock). One line per problem;
     exit 4 if there is any."""
-    from .memory.check import verify
+    from .memory.verify import verify
 
     path = bank or settings.default_bank()
     report = verify(path)
@@ -359,6 +352,11 @@ def check(bank: Optional[Path] = BankOption,
 def main() -> None:
     """Entry point: one line on stderr and a documented exit code for every failure, never a traceback."""
     raise_open_file_limit()
+    # torch is no dependency of the package (pyproject.toml says why), so it may be missing: say so before a
+    # command's import of it fails. find_spec, not import: `msa --help` need not spend seconds importing torch.
+    if importlib.util.find_spec("torch") is None:
+        say(f"msa: error: PyTorch is not installed (it is installed apart from msa, see README.md): {INSTALL_TORCH}")
+        sys.exit(errors.NO_MODEL)
     try:
         code = app(standalone_mode=False)   # a command's typer.Exit(code) comes back here
     except errors.MsaError as e:

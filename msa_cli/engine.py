@@ -1,13 +1,13 @@
-"""The model, its router and a memory bank wired together: what the CLI verbs call.
+"""The model, its router and a memory bank wired together: what ingest, the qa verbs and eval call.
 
 Data flows one way: passages -> encoder (stage 1) -> bank; question -> router (stage 2) -> documents ->
-generator (stage 3). This module only connects those pieces and holds the settings a bank must agree on.
+decoder (stage 3). This module only connects those pieces and holds the settings a bank must agree on; what
+differs for an MSA checkpoint comes from its mode (memory/mode.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,71 +16,58 @@ from torch import Tensor
 from . import settings as defaults
 from .corpus.splitter import Passage
 from .errors import BankMismatch
-from .memory import lexical
 from .memory.bank import Bank, Document, NewDocument
-from .memory.encoder import Encoded, document_ids, encode, routing_query, template_kv, TEMPLATE_HEAD
-from .memory.router import (Router, RouterSpec, checkpoint_spec, default_router, load_spec, msa_default_spec,
-                            router_file_contents, shipped_routers)
+from .memory.encoder import Encoded, encode, routing_query, template_kv
+from .memory.mode import Mode, mode_for
+from .memory.router import Router, RouterSpec, router_file_contents
+from .memory.search import Hit, search
+from .model.decode import Decoder, KVCache, Memory
 from .model.loading import Model
-from .qa.generate import Decoder, KVCache, Memory
+from .model.protocol import TEMPLATE_HEAD
 
 BANK_DTYPE = torch.bfloat16   # what the bank stores, whatever the CPU computes in
-# How an MSA checkpoint reads a memory document (digest §3.1): its id at both ends, so the first and the last
-# pooled chunk carry it and the model can name the document in its generative retrieval (`[id]`).
-MSA_DOCUMENT = "<|im_start|>[{id}]. {text}[{id}]<|im_end|>"
-
-
-@dataclass
-class Hit:
-    document: Document
-    score: float          # the ranking score: the router's, fused with BM25's for learned routers
-    router: float = 0.0   # the router's own score (cosine: MSA's max over question tokens and keys)
-    bm25: float = 0.0     # BM25's score for the routed text, in rare-word matches (lexical.rare_word)
 
 
 class Engine:
-    def __init__(self, model: Model, bank: Bank, router: Router):
-        self.model = model
-        self.bank = bank
-        self.router = router
-        self._lexical: lexical.LexicalIndex | None = None   # built on first use, for this snapshot
+    def __init__(self, model: Model, bank: Bank, router: Router, mode: Mode):
+        self.model, self.bank, self.router, self.mode = model, bank, router, mode
 
     @classmethod
     def open(cls, model: Model, bank_path: Path, create: bool = False,
              new_router: RouterSpec | None = None) -> "Engine":
         """An existing bank is read with the router it was indexed with; a new one gets `new_router`, by default
-        the default router."""
+        the mode's default router."""
+        mode = mode_for(model)
         if Bank.exists(bank_path):
             bank = Bank.open(bank_path)
-            spec = stored_router(bank, model)
-            bank.check_settings(bank_settings(model, spec))
+            spec = stored_router(bank, mode)
+            bank.check_settings(bank_settings(mode, spec))
         elif create:
-            spec = new_router or default_router(model)
-            bank = Bank.open_or_create(bank_path, bank_settings(model, spec),
+            spec = new_router or mode.default_router()
+            bank = Bank.open_or_create(bank_path, bank_settings(mode, spec),
                                        lambda: template_kv(model.backbone, model.tokenizer, BANK_DTYPE),
                                        router_file_contents(spec, {}))
         else:
             bank = Bank.open(bank_path)   # says there is no bank there
-        return cls(model, bank, Router(spec, model.backbone.device))
+        return cls(model, bank, Router(spec, model.backbone.device), mode)
 
     # --- stage 1 ------------------------------------------------------------------------------------------
 
     def encode(self, passages: list[Passage], on_tokens=None) -> Encoded:
         """Stage 1 for a batch of passages, which the next commit appends; on_tokens(n) reports progress after
-        each forward. The caller holds the bank's lock (an MSA checkpoint writes the ids the bank will give the
-        documents into their text)."""
-        s = self.bank.settings
+        each forward. The caller holds the bank's lock (a mode with ids in the text writes the ids the bank will
+        give the documents)."""
         first = self.bank.next_doc_id
-        token_ids = [document_tokens(self.model, p.text, first + i) for i, p in enumerate(passages)]
-        encoded = encode(self.model.backbone, token_ids, s["content_layers"], self.router, s["pooling"],
-                         BANK_DTYPE, defaults.PACK_TOKENS, on_pack=on_tokens)
+        token_ids = [self.mode.document_tokens(p.text, first + i) for i, p in enumerate(passages)]
+        encoded = encode(self.model.backbone, token_ids, list(self.mode.content_layers), self.router,
+                         self.mode.pooling, BANK_DTYPE, defaults.PACK_TOKENS, on_pack=on_tokens)
         encoded.first_doc_id = first
         return encoded
 
     def commit(self, passages: list[tuple[Passage, str]], encoded: Encoded, replacing: list[int] = ()) -> list[int]:
         """Write encoded (passage, file content hash) pairs as one bank segment, removing the documents
         `replacing` in the same commit. The caller holds the bank's lock."""
-        if self.model.msa and encoded.first_doc_id != self.bank.next_doc_id:
+        if self.mode.ids_in_text and encoded.first_doc_id != self.bank.next_doc_id:
             raise RuntimeError("documents were encoded with other ids than the bank would give them")
         docs = [NewDocument(source=p.path, span={"page": p.page, "line_start": p.line_start, "line_end": p.line_end},
                             content_hash=digest, n_tokens=p.n_tokens, text=p.text)
@@ -91,23 +78,9 @@ class Engine:
     # --- stage 2 ------------------------------------------------------------------------------------------
 
     def route(self, text: str, k: int, fuse: bool = True) -> list[Hit]:
-        """The k documents for `text`, best first: MSA's router score, fused with BM25 over the same documents
-        when the router is learned (`fuse=False` gives the router alone; see lexical.fused). Each hit also
-        carries both raw scores, which say how relevant it is whatever the bank's size (qa.interleave)."""
+        """The k documents for `text`, best first (memory/search.py)."""
         q = routing_query(self.model.backbone, self.model.tokenizer, self.router, text)
-        doc_ids, router = self.router.scores(q, self.bank.routing_segments())
-        if not doc_ids.numel():
-            return []
-        if self._lexical is None:
-            self._lexical = lexical.for_bank(self.bank)
-        bm25 = self._lexical.scores(text)[torch.searchsorted(self._lexical.doc_ids, doc_ids)]
-        scores = router
-        if fuse and self.router.spec.kind == "learned" and defaults.FUSION_WEIGHT > 0:
-            scores = lexical.fused(router, bm25, defaults.FUSION_WEIGHT)
-        by_id = {d.doc_id: d for d in self.bank.documents()}
-        best = torch.topk(scores, min(k, scores.shape[0])).indices
-        rare = self._lexical.rare_word()
-        return [Hit(by_id[int(doc_ids[i])], float(scores[i]), float(router[i]), float(bm25[i]) / rare) for i in best]
+        return search(self.bank, self.router, q, text, k, fuse)
 
     def select(self, layer: int, x: Tensor, k: int) -> tuple[list[int], list[float], Tensor, Tensor]:
         """An MSA checkpoint's stage 2 in one router layer: x [T, D] is the layer's normalised input at the routing
@@ -128,10 +101,9 @@ class Engine:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None) -> list[int]:
         """Ordinary decoding over a prompt that holds the selected documents' original text."""
         backbone = self.model.backbone
-        decoder = Decoder(backbone)
-        return decoder.generate(prompt_ids, cache=KVCache.empty(backbone.cfg.n_layers), start_position=0,
-                                max_new_tokens=max_new_tokens, stop_ids=stop_ids(self.model.tokenizer),
-                                on_token=on_token, no_repeat_ngram=defaults.NO_REPEAT_NGRAM)
+        return Decoder(backbone).generate(prompt_ids, cache=KVCache.empty(backbone.cfg.n_layers), start_position=0,
+                                          max_new_tokens=max_new_tokens, stop_ids=stop_ids(self.model.tokenizer),
+                                          on_token=on_token, no_repeat_ngram=defaults.NO_REPEAT_NGRAM)
 
     def generate_over_memory(self, question_ids: list[int], hits: list[Hit], max_new_tokens: int,
                              on_token=None) -> list[int]:
@@ -139,7 +111,7 @@ class Engine:
         the template head and its positions start at len(template) + k (digest §2)."""
         backbone = self.model.backbone
         doc_ids = [h.document.doc_id for h in hits]
-        memory = Memory({layer: self.bank.load_content(doc_ids, layer)[:2] for layer in self.bank.settings["content_layers"]})
+        memory = Memory({layer: self.bank.load_content(doc_ids, layer)[:2] for layer in self.mode.content_layers})
         cache = KVCache.from_prefix(self.bank.template_kv(), backbone.cfg.n_layers, backbone.dtype, backbone.device)
         return Decoder(backbone).generate(question_ids, cache=cache, start_position=cache.length + len(hits),
                                           max_new_tokens=max_new_tokens, memory=memory,
@@ -147,35 +119,27 @@ class Engine:
                                           no_repeat_ngram=defaults.NO_REPEAT_NGRAM)
 
 
-def bank_settings(model: Model, router: RouterSpec) -> dict:
+def bank_settings(mode: Mode, router: RouterSpec) -> dict:
     """Everything a bank's tensors depend on: opening a bank with different values is an error."""
-    cfg = model.backbone.cfg
+    cfg = mode.model.backbone.cfg
     return {
-        "model": model.identity,
-        "pooling": model.msa.pooling if model.msa else defaults.POOLING,
-        # MSA's router layers: the checkpoint's, else the upper half
-        "content_layers": list(model.msa.router_layers) if model.msa else list(range(cfg.n_layers // 2, cfg.n_layers)),
+        "model": mode.model.identity,
+        "pooling": mode.pooling,
+        "content_layers": list(mode.content_layers),
         "dtype": str(BANK_DTYPE).removeprefix("torch."),
         "kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
-        "document_template": MSA_DOCUMENT if model.msa else "<|im_start|>{text}<|im_end|>",
+        "document_template": mode.document_template,
         "template_head": TEMPLATE_HEAD,
         "router": router.describe(),
     }
 
 
-def document_tokens(model: Model, text: str, doc_id: int) -> list[int]:
-    """A memory document's tokens as stage 1 encodes them."""
-    if model.msa:
-        return model.tokenizer(MSA_DOCUMENT.format(id=doc_id, text=text), add_special_tokens=False).input_ids
-    return document_ids(model.tokenizer, text)
-
-
 def reindex(model: Model, bank_path: Path, spec: RouterSpec, on_tokens=None) -> bool:
     """Recompute a bank's routing keys with another router (stage 1 up to its last routing layer only); content,
     documents and text stay as they are. False when the bank already holds this router's keys."""
-    bank = Bank.open(bank_path)
-    settings = bank_settings(model, spec)
+    bank, mode = Bank.open(bank_path), mode_for(model)   # the bank's own router need not be at hand
+    settings = bank_settings(mode, spec)
     with bank.lock():
         bank.check_settings({**settings, "router": bank.settings["router"]})   # the same model and layout
         if bank.settings["router"]["id"] == spec.id:
@@ -186,8 +150,8 @@ def reindex(model: Model, bank_path: Path, spec: RouterSpec, on_tokens=None) -> 
             if not docs:   # a segment whose documents were all removed keeps an empty key file
                 d = spec.proj[spec.layers[0]][1].shape[1] if spec.proj else model.backbone.cfg.head_dim
                 return torch.zeros(0, len(spec.key_heads), d, dtype=BANK_DTYPE), []
-            token_ids = [document_tokens(model, d.text, d.doc_id) for d in docs]
-            encoded = encode(model.backbone, token_ids, [], router, settings["pooling"], BANK_DTYPE,
+            token_ids = [mode.document_tokens(d.text, d.doc_id) for d in docs]
+            encoded = encode(model.backbone, token_ids, [], router, mode.pooling, BANK_DTYPE,
                              defaults.PACK_TOKENS, on_pack=on_tokens)
             return encoded.route_keys, encoded.key_counts
 
@@ -195,18 +159,10 @@ def reindex(model: Model, bank_path: Path, spec: RouterSpec, on_tokens=None) -> 
     return True
 
 
-def stored_router(bank: Bank, model: Model) -> RouterSpec:
-    """The router whose keys the bank holds: an MSA checkpoint's own (its weights are the model's), else its
-    stored weights, else (banks made before routers were stored with them) a shipped router or MSA's default
-    with the same id."""
+def stored_router(bank: Bank, mode: Mode) -> RouterSpec:
+    """The router whose keys the bank holds (Mode.router_candidates, matched by id)."""
     wanted = bank.settings["router"]["id"]
-    cfg = model.backbone.cfg
-    if model.msa:
-        candidates = [checkpoint_spec(model, score) for score in ("dot", "cosine")]
-    else:
-        candidates = [load_spec(bank.router_weights)] if bank.router_weights else []
-        candidates += [load_spec(p) for p in shipped_routers(model).values()]
-    for spec in [*candidates, msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)]:
+    for spec in mode.router_candidates(bank.router_weights):
         if spec.id == wanted:
             return spec
     raise BankMismatch(f"bank {bank.path} was indexed with router {wanted}, whose weights are not here "

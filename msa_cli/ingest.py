@@ -26,11 +26,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import errors, settings
-from .corpus.readers import UNKNOWN, UnreadableFile, parse, read_bytes
-from .corpus.splitter import Passage, split
+from .corpus.passages import file_passages
+from .corpus.readers import UNKNOWN, UnreadableFile, read_bytes
+from .corpus.splitter import Passage
 from .corpus.walk import unique_files
 from .engine import Engine, content_hash
-from .memory import lexical
 from .memory.bank import Bank
 
 # Tokens per commit (one bank segment): bounds the work a crash loses (about a minute of encoding on a laptop
@@ -106,10 +106,6 @@ def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
             "skipped": dict(report.skipped), "documents": report.documents, "tokens": report.tokens,
             "seconds": round(report.seconds, 2), "scan_seconds": round(report.scan_seconds, 2),
             "encode_seconds": round(report.encode_seconds, 2), "write_seconds": round(report.write_seconds, 2)})
-        # Every bank keeps its lexical index (routing fuses BM25, relevance reads it): built once, here, rather
-        # than by every reader. An empty bank has nothing to index.
-        if bank.num_documents:
-            lexical.save_for_bank(bank)
     return report
 
 
@@ -120,8 +116,6 @@ def forget(bank: Bank, paths: list[Path]) -> tuple[int, int]:
     with bank.lock():
         docs = [d for d in bank.documents() if any(_within(d.source, t) for t in targets)]
         bank.remove(d.doc_id for d in docs)
-        if bank.num_documents:
-            lexical.save_for_bank(bank)
     return len({d.source for d in docs}), len(docs)
 
 
@@ -183,17 +177,10 @@ class _Scan:
         if previous and previous[0] == digest:
             self.report.unchanged += 1
             return
-        try:
-            passages = split(parse(Path(source), data), self.count, self.passage_tokens)
+        try:   # a reader's failure, too, stops only this file (corpus/passages.py)
+            passages = file_passages(Path(source), data, self.count, self.passage_tokens)
         except UnreadableFile as e:
             self.failed(e, previous, source, named)
-            return
-        except Exception as e:  # noqa: BLE001 - a reader's bug or a hostile file: it must not stop the others
-            if os.environ.get("MSA_DEBUG"):
-                raise
-            message = str(e).strip().splitlines()
-            detail = f"its reader failed ({type(e).__name__}{': ' + message[0] if message else ''})"
-            self.failed(UnreadableFile(path, "reader failed", detail), previous, source, named)
             return
         work = _FileWork(digest, passages, previous[1] if previous else [])
         self.batch.append(work)

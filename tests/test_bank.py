@@ -1,14 +1,18 @@
-"""The memory bank: round trip, settings checks, crash safety, removal, reindex, memory mapping, locking."""
+"""The memory bank: round trip, settings checks, crash safety, removal, reindex, memory mapping, locking, what a
+commit costs, lookups by id, and the BM25 index the bank keeps."""
 
+import dataclasses
 import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 from msa_cli.errors import USAGE, BankLocked, BankMismatch, BankNotFound, MsaError
+from msa_cli.memory import check, lexical, snapshot
 from msa_cli.memory.bank import FORMAT_VERSION, Bank, NewDocument
 
 LAYERS = [2, 3]          # content layers of a 4-layer toy model
@@ -50,6 +54,15 @@ def append(bank, batch):
 
 def new_bank(tmp_path):
     return Bank.create(tmp_path / "bank", make_settings(), make_template())
+
+
+def two_segments(bank):
+    """Appends segments of 3 and 2 documents and removes document 1: documents 0, 2 | 3, 4 stay."""
+    append(bank, make_batch(3, "a"))
+    append(bank, make_batch(2, "b"))
+    with bank.lock():
+        bank.remove([1])
+    return bank
 
 
 def doc_content(batch, index, layer):
@@ -279,11 +292,7 @@ def test_remove(tmp_path):
 
 
 def test_reindex_replaces_keys_not_content(tmp_path):
-    bank = new_bank(tmp_path)
-    append(bank, make_batch(3, "a"))
-    append(bank, make_batch(2, "b"))
-    with bank.lock():
-        bank.remove([1])
+    bank = two_segments(new_bank(tmp_path))
     root = tmp_path / "bank"
     before = {name: digest for name, digest in file_digests(root).items()
               if name.endswith(("content.safetensors", "documents.jsonl"))}
@@ -438,11 +447,7 @@ def test_info_is_committed_and_survives_appends(tmp_path):
 
 
 def test_every_file_is_json_jsonl_or_safetensors(tmp_path):
-    bank = new_bank(tmp_path)
-    append(bank, make_batch(2, "a"))
-    append(bank, make_batch(2, "b"))
-    with bank.lock():
-        bank.remove([0])
+    two_segments(new_bank(tmp_path))
     files = [p for p in (tmp_path / "bank").rglob("*") if p.is_file()]
     assert files
     for p in files:
@@ -450,6 +455,9 @@ def test_every_file_is_json_jsonl_or_safetensors(tmp_path):
             assert p.stat().st_size == 0
         elif p.suffix == ".json":
             json.loads(p.read_text())
+        elif p.suffix == ".npy":   # the BM25 index's arrays (bm25s), read without pickle
+            assert p.relative_to(tmp_path / "bank").parts[0] == "lexical", p
+            np.load(p, allow_pickle=False)
         elif p.suffix == ".jsonl":
             with open(p, encoding="utf-8") as f:
                 assert all(json.loads(line) for line in f)
@@ -457,3 +465,104 @@ def test_every_file_is_json_jsonl_or_safetensors(tmp_path):
             assert p.suffix == ".safetensors", p
             with safe_open(p, framework="pt") as f:
                 assert list(f.keys())
+
+
+def test_a_commit_reuses_what_it_does_not_change(tmp_path, monkeypatch):
+    """A commit opens only the segment it adds: the earlier segments, their Document objects and their mapped
+    keys are the very objects of the snapshot before it, so a commit's cost does not grow with the bank."""
+    bank = new_bank(tmp_path)
+    append(bank, make_batch(3, "a"))
+    append(bank, make_batch(2, "b"))
+    before, keys_before = bank.documents(), [s.keys for s in bank.routing_segments()]
+    read = []
+    real_read = check.read_documents
+    monkeypatch.setattr(check, "read_documents", lambda path, *args: (read.append(path.parent.name),
+                                                                      real_read(path, *args))[1])
+    with bank.lock():
+        bank.append(*make_batch(4, "c"))
+        bank.remove([1])
+    segments = bank.routing_segments()
+    assert read == [segments[2].name]   # the new segment's rows only, once
+    after = bank.documents()
+    assert [d.doc_id for d in after] == [0, 2, 3, 4, 5, 6, 7, 8]
+    assert all(a is b for a, b in zip(after[:4], [before[0], *before[2:]]))
+    assert all(s.keys is k for s, k in zip(segments, keys_before))
+
+
+def test_document_looks_up_one_id(tmp_path, monkeypatch):
+    bank = two_segments(new_bank(tmp_path))
+    docs = bank.documents()
+    # Through the segments' id ranges and the tombstones, not through the list of every document.
+    monkeypatch.setattr(snapshot.Snapshot, "documents", lambda self: pytest.fail("listed every document"))
+    for doc in docs:
+        assert bank.document(doc.doc_id) is doc
+    assert bank.document(3).text == "text b 0 é" and bank.document(3).row == 0
+    for missing in (1, 5, 100, -1):   # tombstoned, next to come, never, not an id
+        with pytest.raises(MsaError, match=f"has no live document {missing}$"):
+            bank.document(missing)
+        assert not bank.has_document(missing)
+    assert all(bank.has_document(d.doc_id) for d in docs)
+
+
+def saved_index_ids(bank_path) -> list[list[int]]:
+    """The ids of every index saved in the bank."""
+    root = bank_path / "lexical"
+    return [np.load(d / "doc_ids.npy").tolist() for d in sorted(root.iterdir())] if root.is_dir() else []
+
+
+def worded(batch, words):
+    """The batch with document i's text made of words[i] (the toy texts share every indexed word)."""
+    docs, *rest = batch
+    return [dataclasses.replace(d, text=f"{w} {w}") for d, w in zip(docs, words)], *rest
+
+
+def test_the_bank_saves_its_lexical_index_when_a_writer_releases_the_lock(tmp_path, monkeypatch):
+    bank = new_bank(tmp_path)
+    path = tmp_path / "bank"
+    assert saved_index_ids(path) == [] and bank.lexical().doc_ids.tolist() == []
+    with bank.lock():
+        bank.append(*worded(make_batch(3, "a"), ["apple", "banana", "cherry"]))
+        assert saved_index_ids(path) == []   # not while committing: commits stay cheap
+    assert saved_index_ids(path) == [[0, 1, 2]]
+    append(bank, worded(make_batch(2, "b"), ["damson", "elderberry"]))
+    assert saved_index_ids(path) == [[0, 1, 2, 3, 4]]   # the old one is gone
+    with bank.lock():
+        bank.remove([1, 3])
+    assert saved_index_ids(path) == [[0, 2, 4]]
+
+    monkeypatch.setattr(lexical.LexicalIndex, "build", lambda *a: pytest.fail("a reader built its own index"))
+    reader = Bank.open(path)
+    index = reader.lexical()
+    assert index is reader.lexical()   # once per snapshot
+    assert index.doc_ids.tolist() == [0, 2, 4]
+    assert index.scores("cherry").argmax() == 1 and index.scores("banana").max() == 0
+    monkeypatch.undo()
+
+    with bank.lock():
+        pass   # no commit, nothing to refresh
+    assert saved_index_ids(path) == [[0, 2, 4]]
+    with bank.lock():
+        bank.remove([0, 2, 4])
+    assert saved_index_ids(path) == []   # an empty bank keeps none
+    assert Bank.open(path).lexical().doc_ids.tolist() == []
+
+
+def test_the_next_writer_replaces_a_damaged_lexical_index(tmp_path):
+    bank = new_bank(tmp_path)
+    append(bank, worded(make_batch(2, "a"), ["apple", "banana"]))
+    [saved] = list((tmp_path / "bank" / "lexical").iterdir())
+    (saved / "doc_ids.npy").write_bytes(b"garbage")
+    assert Bank.open(tmp_path / "bank").lexical().scores("banana").argmax() == 1   # built in memory
+    with bank.lock():
+        bank.set_info("note", "any commit")
+    assert saved_index_ids(tmp_path / "bank") == [[0, 1]]
+
+
+def test_no_lexical_index_is_saved_when_the_writer_fails(tmp_path):
+    bank = new_bank(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with bank.lock():
+            bank.append(*make_batch(2, "a"))
+            raise KeyboardInterrupt
+    assert saved_index_ids(tmp_path / "bank") == []   # readers build their own; the next writer saves it
+    assert Bank.open(tmp_path / "bank").num_documents == 2

@@ -5,23 +5,18 @@ runs the CLI on a bank a tiny model made."""
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from msa_cli import cli
+from conftest import msa, msa_here
 from msa_cli.errors import BankMismatch
-from msa_cli.memory import lexical
 from msa_cli.memory.bank import Bank
-from msa_cli.memory.check import verify
-from test_bank import LAYERS, append, make_batch, make_settings, make_template
-from tiny import save_tiny_model
+from msa_cli.memory.verify import verify
+from test_bank import LAYERS, make_settings, make_template, two_segments
 
 ROUTER_SPEC = {k: v for k, v in make_settings()["router"].items() if k != "id"}
 
@@ -32,11 +27,7 @@ def toy_bank(root: Path) -> Path:
     """Two segments, one tombstone, router weights with a tensor: every kind of file, each with data."""
     path = root / "bank"
     weights = ({"w": torch.arange(6, dtype=torch.float32)}, {"spec": json.dumps(ROUTER_SPEC)})
-    bank = Bank.create(path, make_settings(), make_template(), weights)
-    append(bank, make_batch(3, "a"))
-    append(bank, make_batch(2, "b"))
-    with bank.lock():
-        bank.remove([1])
+    two_segments(Bank.create(path, make_settings(), make_template(), weights))
     return path
 
 
@@ -324,8 +315,10 @@ def test_check_lists_every_problem_and_mentions_leftovers(toy):
         f"recorded {route.stat().st_size + 1}",
         "template.safetensors: 0 bytes, the manifest recorded " +
         str(json.loads((toy / 'manifest.json').read_text())["files"]["template.safetensors"]["size"])]
+    lexical_index = next((toy / "lexical").iterdir()).name   # of documents the missing segment held too
     assert [n.split(":")[0] for n in report.notes] == [
-        "manifest.json.tmp", f"segments/{segments[1].name}/route.other.safetensors", "segments/000000009-deadbeef"]
+        "manifest.json.tmp", f"segments/{segments[1].name}/route.other.safetensors", "segments/000000009-deadbeef",
+        f"lexical/{lexical_index}"]
     assert digests(toy) == before   # check writes nothing
 
 
@@ -352,6 +345,7 @@ def use_everything(bank: Bank) -> None:
         bank.load_content([d.doc_id for d in docs], layer)
     bank.routing_segments()
     bank.template_kv()
+    assert bank.lexical().doc_ids.tolist() == [d.doc_id for d in docs]   # a damaged index: built in memory
     for d in docs:
         assert isinstance(d.text, str) and isinstance(d.span["line_start"], (int, type(None)))
 
@@ -389,14 +383,7 @@ def test_any_flipped_or_cut_byte_is_refused_or_found_by_check(toy_master, tmp_pa
     assert verify(work).problems == []
 
 
-# ----- the CLI on a bank a tiny model made -----
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    model = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-    home = tmp_path_factory.mktemp("home")
-    return {"MSA_MODEL": str(model), "MSA_HOME": str(home), "MSA_BANK": "", "MSA_DEBUG": "", "MSA_CRASH_AT": ""}
-
+# ----- the CLI on a bank a tiny model made (conftest's tiny_env) -----
 
 def write_corpus(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
@@ -412,26 +399,19 @@ def cli_master(tiny_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     corpus = write_corpus(root / "docs")
     bank = root / "bank"
-    env = {**os.environ, **tiny_env}
     for target in (corpus / "a.md", corpus):
-        r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "ingest", str(target), "--bank", str(bank),
-                            "--passage-tokens", "64", "-q"], env=env, capture_output=True, text=True)
+        r = msa(tiny_env, "ingest", str(target), "--bank", str(bank), "--passage-tokens", "64", "-q")
         assert r.returncode == 0, r.stderr
-    with Bank.open(bank).lock() as b:   # the ingest saves it already; made sure of here, since the suite needs it
-        lexical.save_for_bank(b)
+    assert len(list((bank / "lexical").iterdir())) == 1   # saved by the writer; the suite damages it too
     return corpus, bank
 
 
 def run(monkeypatch, capsys, env, *args) -> tuple[int, str, str]:
-    """`msa ARGS` in this process (the CLI's own entry point: exit code, one-line errors): (code, stdout, stderr)."""
+    """`msa ARGS` in this process (conftest's msa_here), with env's MSA_ settings: (code, stdout, stderr)."""
     for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(sys, "argv", ["msa", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
+        if key.startswith("MSA_"):
+            monkeypatch.setenv(key, value)
+    return msa_here(monkeypatch, capsys, *args)
 
 
 def truncate(size):
@@ -527,11 +507,11 @@ def test_cli_on_a_damaged_bank(cli_master, tiny_env, tmp_path, monkeypatch, caps
     lexical_only = name.startswith("lexical/")
     data_only = damage == "data" and not lexical_only
 
-    def msa(*args):
+    def on_bank(*args):   # in this process, as run() does
         return run(monkeypatch, capsys, tiny_env, *args, "--bank", str(bank))
 
     for args in (["status"], ["search", "facts about b"], ["check"]):
-        code, out, err = msa(*args)
+        code, out, err = on_bank(*args)
         if args[0] == "check" or not (lexical_only or data_only):
             assert code == 4, (args, code, err)
             assert err.count("\n") == 1 and err.startswith("msa: error: bank ") and "Traceback" not in err, err
@@ -544,7 +524,7 @@ def test_cli_on_a_damaged_bank(cli_master, tiny_env, tmp_path, monkeypatch, caps
             assert err == "", err
         assert digests(bank) == before, args   # reading never writes, the damaged file included
 
-    code, out, err = msa("ingest", str(corpus), "--passage-tokens", "64")
+    code, out, err = on_bank("ingest", str(corpus), "--passage-tokens", "64")
     if lexical_only or data_only:
         assert code == 0, err
     else:
@@ -580,10 +560,8 @@ def test_cli_subprocess_damaged_bank_is_one_line_exit_4(cli_master, tiny_env, tm
     bank = Path(shutil.copytree(master, tmp_path / "bank"))
     content = bank / real_name(bank, "segments/1/content.safetensors")
     content.write_bytes(content.read_bytes()[:-1])
-    env = {**os.environ, **tiny_env}
     for args in (["status"], ["search", "facts"], ["check"], ["ingest", str(corpus)]):
-        r = subprocess.run([sys.executable, "-m", "msa_cli.cli", *args, "--bank", str(bank)], env=env,
-                           capture_output=True, text=True)
+        r = msa(tiny_env, *args, "--bank", str(bank))
         assert r.returncode == 4 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (args, r.stderr)
 
 

@@ -2,15 +2,12 @@
 cited spans that hold the cited text, and one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import msa
 from msa_cli.memory.bank import Bank
-from tiny import save_tiny_model
 
 ANIMALS = {"quokka": "The quokka is a small wallaby found on Rottnest Island near Perth.",
            "axolotl": "The axolotl is a salamander that keeps its gills and lives in lakes near Mexico City.",
@@ -18,33 +15,21 @@ ANIMALS = {"quokka": "The quokka is a small wallaby found on Rottnest Island nea
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    model = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-    home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(home), "MSA_BANK": ""}
-
-
-@pytest.fixture(scope="module")
-def bank(env, tmp_path_factory):
+def bank(tiny_env, tmp_path_factory):
     docs = tmp_path_factory.mktemp("docs")
     for name, fact in ANIMALS.items():
         (docs / f"{name}.md").write_text(f"# The {name}\n\n" + f"{fact}\n\n" * 2)
     for i in range(6):
         (docs / f"filler-{i}.md").write_text(f"Filler note {i} about nothing in particular.\n")
     path = tmp_path_factory.mktemp("bank") / "bank"
-    r = msa(env, "ingest", str(docs), "--bank", str(path))
+    r = msa(tiny_env, "ingest", str(docs), "--bank", str(path))
     assert r.returncode == 0, r.stderr
     return path
 
 
-def msa(env, *args, **kw):
-    return subprocess.run([sys.executable, "-m", "msa_cli.cli", *args], capture_output=True, text=True, env=env,
-                          **kw)
-
-
-def test_json_answer_has_the_documented_schema_and_its_sources_hold_the_cited_text(env, bank):
+def test_json_answer_has_the_documented_schema_and_its_sources_hold_the_cited_text(tiny_env, bank):
     # The tiny model's router is random: -k 9 reads the whole bank (as much of it as fits the tiny context).
-    r = msa(env, "ask", "Where is the quokka found? quokka wallaby Rottnest", "--bank", str(bank), "--json",
+    r = msa(tiny_env, "ask", "Where is the quokka found? quokka wallaby Rottnest", "--bank", str(bank), "--json",
             "--max-tokens", "8", "-k", "9")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)   # stdout is exactly one JSON object
@@ -62,44 +47,45 @@ def test_json_answer_has_the_documented_schema_and_its_sources_hold_the_cited_te
         assert text[s["doc_id"]].split() == " ".join(cited).split()   # the cited lines hold the document read
 
 
-def test_questions_from_stdin_give_one_json_line_each_and_nothing_else(env, bank):
+def test_questions_from_stdin_give_one_json_line_each_and_nothing_else(tiny_env, bank):
     questions = "quokka Rottnest wallaby?\n\n   \naxolotl salamander gills Mexico?\n"
-    r = msa(env, "ask", "-", "--bank", str(bank), "--json", "--max-tokens", "4", "-k", "9", input=questions)
+    r = msa(tiny_env, "ask", "-", "--bank", str(bank), "--json", "--max-tokens", "4", "-k", "9", input=questions)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2   # blank lines are skipped
     answers = [json.loads(line) for line in lines]
     assert [a["question"] for a in answers] == ["quokka Rottnest wallaby?", "axolotl salamander gills Mexico?"]
 
-    plain = msa(env, "ask", "-", "--bank", str(bank), "--max-tokens", "4", "-k", "9", input=questions)
+    plain = msa(tiny_env, "ask", "-", "--bank", str(bank), "--max-tokens", "4", "-k", "9", input=questions)
     assert plain.returncode == 0, plain.stderr
     assert len(plain.stdout.strip().split("\n\n")) == 2   # one paragraph per answer
 
 
-def test_nothing_relevant_abstains_with_exit_7(env, bank):
-    r = msa(env, "ask", "Who painted the ceiling of the Sistine Chapel?", "--bank", str(bank))
+def test_nothing_relevant_abstains_with_exit_7(tiny_env, bank):
+    r = msa(tiny_env, "ask", "Who painted the ceiling of the Sistine Chapel?", "--bank", str(bank))
     assert r.returncode == 7
     assert r.stdout.strip() == "Nothing in memory is relevant to this question, so I cannot answer it from memory."
     assert r.stderr.count("\n") == 1 and "--no-abstain" in r.stderr
-    out = json.loads(msa(env, "ask", "Sistine Chapel ceiling?", "--bank", str(bank), "--json").stdout)
+    out = json.loads(msa(tiny_env, "ask", "Sistine Chapel ceiling?", "--bank", str(bank), "--json").stdout)
     assert out["abstained"] is True and out["sources"] == [] and out["tokens"] == 0
     # --no-abstain reads the closest documents anyway.
-    r = msa(env, "ask", "Sistine Chapel ceiling?", "--bank", str(bank), "--no-abstain", "--max-tokens", "2", "--json")
+    r = msa(tiny_env, "ask", "Sistine Chapel ceiling?", "--bank", str(bank), "--no-abstain", "--max-tokens", "2",
+            "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["sources"]
     # Like grep: a batch succeeds when any question was answered, and exits 7 only when none was.
-    both = msa(env, "ask", "-", "--bank", str(bank), "--json", "--max-tokens", "2", "-k", "9",
+    both = msa(tiny_env, "ask", "-", "--bank", str(bank), "--json", "--max-tokens", "2", "-k", "9",
                input="Sistine Chapel ceiling?\npangolin scales termites tongue?\n")
     assert both.returncode == 0 and [json.loads(x)["abstained"] for x in both.stdout.splitlines()] == [True, False]
-    none = msa(env, "ask", "-", "--bank", str(bank), "--json", input="Sistine Chapel?\nMona Lisa?\n")
+    none = msa(tiny_env, "ask", "-", "--bank", str(bank), "--json", input="Sistine Chapel?\nMona Lisa?\n")
     assert none.returncode == 7 and len(none.stdout.splitlines()) == 2
 
 
-def test_ask_errors_are_one_line_with_documented_codes(env, bank, tmp_path):
-    r = msa(env, "ask", "anything", "--bank", str(tmp_path / "none"))
+def test_ask_errors_are_one_line_with_documented_codes(tiny_env, bank, tmp_path):
+    r = msa(tiny_env, "ask", "anything", "--bank", str(tmp_path / "none"))
     assert r.returncode == 3 and r.stderr.count("\n") == 1 and "msa ingest" in r.stderr and r.stdout == ""
-    r = msa(env, "ask", "  ", "--bank", str(bank))
+    r = msa(tiny_env, "ask", "  ", "--bank", str(bank))
     assert r.returncode == 2 and "empty" in r.stderr and r.stdout == ""
-    r = msa(env, "ask", "quokka", "--bank", str(bank), "--model", str(tmp_path / "missing"))
+    r = msa(tiny_env, "ask", "quokka", "--bank", str(bank), "--model", str(tmp_path / "missing"))
     assert r.returncode == 5 and r.stderr.count("\n") == 1 and r.stdout == ""
-    r = msa(env, "ask", "quokka", "--bank", str(bank), "--context", "both")
+    r = msa(tiny_env, "ask", "quokka", "--bank", str(bank), "--context", "both")
     assert r.returncode == 2 and "--context" in r.stderr

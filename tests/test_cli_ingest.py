@@ -6,26 +6,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
+from conftest import MSA, msa
 from msa_cli.memory.bank import Bank
-from tiny import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    model = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-    home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(home), "MSA_BANK": ""}
-
-
-def msa(env, *args, **kw):
-    return subprocess.run([sys.executable, "-m", "msa_cli.cli", *args], capture_output=True, text=True, env=env,
-                          **kw)
 
 
 def corpus(root: Path, n_files: int, paragraphs: int = 3) -> Path:
@@ -37,37 +22,37 @@ def corpus(root: Path, n_files: int, paragraphs: int = 3) -> Path:
     return root
 
 
-def test_ingest_status_search_forget(env, tmp_path):
+def test_ingest_status_search_forget(tiny_env, tmp_path):
     docs = corpus(tmp_path / "docs", 3)
     (docs / "image.png").write_bytes(b"\x89PNG")
     bank = str(tmp_path / "bank")
-    r = msa(env, "ingest", str(docs), "--bank", bank)
+    r = msa(tiny_env, "ingest", str(docs), "--bank", bank)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     assert r.stderr.startswith("ingested 3 files") and "skipped: 1 unsupported type" in r.stderr
     assert r.stderr.count("\n") == 1
 
-    status = json.loads(msa(env, "status", "--bank", bank, "--json").stdout)
+    status = json.loads(msa(tiny_env, "status", "--bank", bank, "--json").stdout)
     assert status["files"] == 3 and status["documents"] >= 3 and status["tokens"] > 0
     assert status["last_ingest"]["ingested"] == 3 and status["model"]["name"] == "tiny-test"
     assert sum(status["bytes_on_disk"].values()) > 0
 
-    hits = [json.loads(line) for line in msa(env, "search", "Note 1", "--bank", bank, "--json", "-k", "2").stdout
+    hits = [json.loads(line) for line in msa(tiny_env, "search", "Note 1", "--bank", bank, "--json", "-k", "2").stdout
             .splitlines()]
     assert [h["rank"] for h in hits] == [1, 2]
     assert all(Path(h["path"]).is_absolute() and h["line_start"] >= 1 for h in hits)
 
-    r = msa(env, "forget", str(docs / "note-000.md"), "--bank", bank)
+    r = msa(tiny_env, "forget", str(docs / "note-000.md"), "--bank", bank)
     assert r.returncode == 0 and "forgot 1 files" in r.stderr
-    assert json.loads(msa(env, "status", "--bank", bank, "--json").stdout)["files"] == 2
+    assert json.loads(msa(tiny_env, "status", "--bank", bank, "--json").stdout)["files"] == 2
 
 
-def test_nothing_readable_is_a_one_line_error_per_file_and_exit_6(env, tmp_path):
+def test_nothing_readable_is_a_one_line_error_per_file_and_exit_6(tiny_env, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.txt").write_bytes(b"\0\1\2binary")
     (bad / "b.pdf").write_bytes(b"%PDF-1.4 not really")
-    r = msa(env, "ingest", str(bad), "--bank", str(tmp_path / "bank"))
+    r = msa(tiny_env, "ingest", str(bad), "--bank", str(tmp_path / "bank"))
     assert r.returncode == 6
     assert r.stdout == ""
     lines = r.stderr.splitlines()
@@ -78,25 +63,25 @@ def test_nothing_readable_is_a_one_line_error_per_file_and_exit_6(env, tmp_path)
                         r"skipped: 1 binary, 1 damaged PDF", lines[2]), lines[2]
     assert lines[3] == "msa: error: nothing was ingested"
 
-    r = msa(env, "ingest", str(tmp_path / "missing"), "--bank", str(tmp_path / "bank"))
+    r = msa(tiny_env, "ingest", str(tmp_path / "missing"), "--bank", str(tmp_path / "bank"))
     assert r.returncode == 2 and r.stderr == f"msa: error: no such file or folder: {tmp_path / 'missing'}\n"
 
 
-def test_a_second_writer_is_refused_clearly(env, tmp_path):
+def test_a_second_writer_is_refused_clearly(tiny_env, tmp_path):
     docs = corpus(tmp_path / "docs", 1)
     bank = tmp_path / "bank"
-    assert msa(env, "ingest", str(docs), "--bank", str(bank), "-q").returncode == 0
+    assert msa(tiny_env, "ingest", str(docs), "--bank", str(bank), "-q").returncode == 0
     with Bank.open(bank).lock():   # another ingest is writing
-        r = msa(env, "ingest", str(docs), "--bank", str(bank))
+        r = msa(tiny_env, "ingest", str(docs), "--bank", str(bank))
     assert r.returncode == 8
     assert r.stderr.count("\n") == 1 and "being changed by another msa process" in r.stderr
 
 
-def test_kill_9_mid_ingest_then_rerun_resumes(env, tmp_path):
+def test_kill_9_mid_ingest_then_rerun_resumes(tiny_env, tmp_path):
     docs = corpus(tmp_path / "docs", 120, paragraphs=6)
     bank = tmp_path / "bank"
-    proc = subprocess.Popen([sys.executable, "-m", "msa_cli.cli", "ingest", str(docs), "--bank", str(bank), "-q"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*MSA, "ingest", str(docs), "--bank", str(bank), "-q"], env=tiny_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         manifest = bank / "manifest.json"
@@ -109,7 +94,7 @@ def test_kill_9_mid_ingest_then_rerun_resumes(env, tmp_path):
 
     committed = {d.source for d in Bank.open(bank).documents()}
     assert 0 < len(committed) < 120
-    r = msa(env, "ingest", str(docs), "--bank", str(bank))
+    r = msa(tiny_env, "ingest", str(docs), "--bank", str(bank))
     assert r.returncode == 0, r.stderr
     assert f"ingested {120 - len(committed)} files" in r.stderr and f"unchanged {len(committed)}" in r.stderr
     held: dict[str, str] = {}
@@ -120,7 +105,7 @@ def test_kill_9_mid_ingest_then_rerun_resumes(env, tmp_path):
         assert "".join(text.split()) == "".join(Path(source).read_text().split())
 
 
-def test_progress_bar_only_on_a_terminal_and_named_files_say_why(env, tmp_path):
+def test_progress_bar_only_on_a_terminal_and_named_files_say_why(tiny_env, tmp_path):
     import fcntl
     import pty
     import struct
@@ -130,9 +115,8 @@ def test_progress_bar_only_on_a_terminal_and_named_files_say_why(env, tmp_path):
     (tmp_path / "photo.png").write_bytes(b"\x89PNG")
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))   # a 120-column terminal
-    proc = subprocess.Popen([sys.executable, "-m", "msa_cli.cli", "ingest", str(docs), str(tmp_path / "photo.png"),
-                             "--bank", str(tmp_path / "bank")],
-                            env=env, stdout=subprocess.PIPE, stderr=slave)
+    proc = subprocess.Popen([*MSA, "ingest", str(docs), str(tmp_path / "photo.png"), "--bank", str(tmp_path / "bank")],
+                            env=tiny_env, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     seen = b""
     while True:
@@ -150,19 +134,19 @@ def test_progress_bar_only_on_a_terminal_and_named_files_say_why(env, tmp_path):
     assert "ingested 4 files" in text
 
 
-def test_train_router_and_reindex_from_the_command_line(env, tmp_path):
+def test_train_router_and_reindex_from_the_command_line(tiny_env, tmp_path):
     docs = corpus(tmp_path / "docs", 4)
     bank = str(tmp_path / "bank")
-    assert msa(env, "ingest", str(docs), "--bank", bank).returncode == 0
+    assert msa(tiny_env, "ingest", str(docs), "--bank", bank).returncode == 0
     out = tmp_path / "router.safetensors"
-    r = msa(env, "train-router", "--ict", str(docs), "--layers", "1", "--epochs", "1", "--out", str(out))
+    r = msa(tiny_env, "train-router", "--ict", str(docs), "--layers", "1", "--epochs", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and f"wrote {out} (layer 1" in r.stderr and out.with_suffix(".json").is_file()
 
-    r = msa(env, "reindex", "--router", str(out), "--bank", bank)
+    r = msa(tiny_env, "reindex", "--router", str(out), "--bank", bank)
     assert r.returncode == 0 and "routing keys of router learned" in r.stderr, r.stderr
-    assert json.loads(msa(env, "status", "--bank", bank, "--json").stdout)["router"]["kind"] == "learned"
-    assert msa(env, "search", "subject of this note", "--bank", bank).returncode == 0
+    assert json.loads(msa(tiny_env, "status", "--bank", bank, "--json").stdout)["router"]["kind"] == "learned"
+    assert msa(tiny_env, "search", "subject of this note", "--bank", bank).returncode == 0
 
     for args, code, message in [
             (("reindex", "--bank", str(tmp_path / "none")), 3, "no memory bank at"),
@@ -171,6 +155,6 @@ def test_train_router_and_reindex_from_the_command_line(env, tmp_path):
             (("train-router", "--qa", str(tmp_path / "none"), "--out", str(out)), 2, "does not exist"),
             (("train-router", "--ict", str(docs), "--layers", "9", "--out", str(out)), 2, "layer 9 is not in"),
             (("train-router", "--ict", str(docs), "--layers", "a,b", "--out", str(out)), 2, "--layers takes")]:
-        r = msa(env, *args)
+        r = msa(tiny_env, *args)
         assert (r.returncode, r.stdout) == (code, ""), (args, r.stderr)
         assert r.stderr.startswith("msa: error: ") and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

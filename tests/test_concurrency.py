@@ -3,14 +3,13 @@ ingests, re-ingests changed files and forgets folders, each step a real `msa` pr
 answer must come from one consistent snapshot."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import msa
 from msa_cli.memory.bank import Bank
-from tiny import save_tiny_model
 
 HERE = Path(__file__).parent
 
@@ -25,31 +24,28 @@ def write_notes(folder: Path, version: int, n: int = 4) -> None:
             for j in range(3)) + "\n")
 
 
-def test_readers_see_one_snapshot_while_a_writer_ingests_changes_and_forgets(tmp_path):
-    model = save_tiny_model(tmp_path / "model")
-    env = {**os.environ, "MSA_HOME": str(tmp_path / "home"), "MSA_MODEL": str(model), "MSA_BANK": ""}
+def test_readers_see_one_snapshot_while_a_writer_ingests_changes_and_forgets(tiny_env, tiny_model_dir, tmp_path):
     docs, bank, stop = tmp_path / "docs", tmp_path / "bank", tmp_path / "stop"
 
-    def msa(*args):
-        r = subprocess.run([sys.executable, "-m", "msa_cli.cli", *args, "--bank", str(bank)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    def write(*args):
+        r = msa(tiny_env, *args, "--bank", str(bank))
         assert r.returncode == 0, (args, r.stderr)
 
     write_notes(docs / "kept", 1)
     write_notes(docs / "churn", 1)
-    msa("ingest", str(docs))
-    reader = subprocess.Popen([sys.executable, str(HERE / "concurrent_reader.py"), str(bank), str(model), str(stop)],
-                              env={**env, "PYTHONPATH": str(HERE)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    write("ingest", str(docs))
+    reader = subprocess.Popen([sys.executable, str(HERE / "concurrent_reader.py"), str(bank), str(tiny_model_dir),
+                               str(stop)], env={**tiny_env, "PYTHONPATH": str(HERE)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     writes = 0
     try:
         for version in range(2, 4):
             write_notes(docs / "kept", version)            # every file changed: replaced in place
-            msa("ingest", str(docs))
-            msa("forget", str(docs / "churn"))              # a folder leaves the bank
+            write("ingest", str(docs))
+            write("forget", str(docs / "churn"))            # a folder leaves the bank
             shutil.rmtree(docs / "churn")
             write_notes(docs / "churn", version, n=2 + version % 3)
-            msa("ingest", str(docs), "--passage-tokens", "150")   # and comes back, one paragraph a passage
+            write("ingest", str(docs), "--passage-tokens", "150")   # and comes back, one paragraph a passage
             writes += 3
     finally:
         stop.touch()

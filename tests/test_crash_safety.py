@@ -6,36 +6,26 @@ every file's passages once, none twice, none lost."""
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import msa, msa_here
 from msa_cli import cli
 from msa_cli.memory.bank import Bank
 from msa_cli.memory.router import RouterSpec, save_spec
-from tiny import save_tiny_model
 
 PASSAGE_TOKENS = "64"   # several documents per file
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    model = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-    home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(home), "MSA_BANK": "", "MSA_DEBUG": "",
-            "MSA_CRASH_AT": ""}
-
-
-def msa(env, *args, crash: str = ""):
-    return subprocess.run([sys.executable, "-m", "msa_cli.cli", *args], env={**env, "MSA_CRASH_AT": crash},
-                          capture_output=True, text=True)
+def crashing_at(env: dict, point: str) -> dict:
+    """env (conftest's tiny_env) for a process that kills itself at crash point `point` ("": none)."""
+    return {**env, "MSA_CRASH_AT": point}
 
 
 def ingest(env, target: Path, bank: Path, crash: str = ""):
-    return msa(env, "ingest", str(target), "--bank", str(bank), "--passage-tokens", PASSAGE_TOKENS, "-q",
-               crash=crash)
+    return msa(crashing_at(env, crash), "ingest", str(target), "--bank", str(bank), "--passage-tokens",
+               PASSAGE_TOKENS, "-q")
 
 
 def text(name: str, parts: int, size: int = 6) -> str:
@@ -52,13 +42,9 @@ def contents(bank: Path, root: Path) -> list[tuple]:
 
 def check_cli(bank: Path, monkeypatch, capsys) -> int:
     """`msa check` (in this process: it loads no model): its exit code."""
-    monkeypatch.setattr(sys, "argv", ["msa", "check", "--bank", str(bank)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out, err = capsys.readouterr()
-    assert e.value.code != 4, out + err
-    return e.value.code
+    code, out, err = msa_here(monkeypatch, capsys, "check", "--bank", str(bank))
+    assert code != 4, out + err
+    return code
 
 
 def crashed(r) -> None:
@@ -87,10 +73,10 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_segments(env, corpus, tmp_path_factory):
+def two_segments(tiny_env, corpus, tmp_path_factory):
     bank = tmp_path_factory.mktemp("two-segments") / "bank"
     for target in (corpus / "a.md", corpus):
-        assert ingest(env, target, bank).returncode == 0
+        assert ingest(tiny_env, target, bank).returncode == 0
     assert len(Bank.open(bank).routing_segments()) == 2
     return bank
 
@@ -105,18 +91,18 @@ FRESH_INGEST = ["create:template", "create:router", "create:manifest-tmp", "crea
 
 
 @pytest.mark.parametrize("point", FRESH_INGEST)
-def test_crash_in_a_first_ingest(env, corpus, two_segments, tmp_path, monkeypatch, capsys, point):
+def test_crash_in_a_first_ingest(tiny_env, corpus, two_segments, tmp_path, monkeypatch, capsys, point):
     bank = tmp_path / "bank"
-    crashed(ingest(env, corpus, bank, crash=point))
+    crashed(ingest(tiny_env, corpus, bank, crash=point))
     after_crash(bank, monkeypatch, capsys)
-    r = ingest(env, corpus, bank)
+    r = ingest(tiny_env, corpus, bank)
     assert r.returncode == 0, r.stderr
     assert check_cli(bank, monkeypatch, capsys) == 0
     assert contents(bank, corpus) == contents(two_segments, corpus)
 
 
 @pytest.fixture(scope="module")
-def large_corpus(env, tmp_path_factory):
+def large_corpus(tiny_env, tmp_path_factory):
     """Two files of 34K tokens (the tiny tokenizer's are bytes) and a small one, read in name order: the first
     commit (ingest.COMMIT_TOKENS = 65,536) holds the two large ones, a second commit the small one. With its
     reference bank."""
@@ -127,30 +113,30 @@ def large_corpus(env, tmp_path_factory):
         assert 33_000 <= (docs / f"{name}.md").stat().st_size < 40_000
     (docs / "z.md").write_text(text("Small file z", 3))
     reference = docs.parent / "reference"
-    assert ingest(env, docs, reference).returncode == 0
+    assert ingest(tiny_env, docs, reference).returncode == 0
     return docs, reference
 
 
-def test_crash_after_the_first_of_several_commits(env, large_corpus, tmp_path, monkeypatch, capsys):
+def test_crash_after_the_first_of_several_commits(tiny_env, large_corpus, tmp_path, monkeypatch, capsys):
     docs, reference = large_corpus
     bank = tmp_path / "bank"
-    crashed(ingest(env, docs, bank, crash="append:renamed"))
+    crashed(ingest(tiny_env, docs, bank, crash="append:renamed"))
     after_crash(bank, monkeypatch, capsys)
     committed = {os.path.basename(d.source) for d in Bank.open(bank).documents()}
     assert committed == {"x.md", "y.md"}   # the first commit's two files, whole
-    r = msa(env, "ingest", str(docs), "--bank", str(bank), "--passage-tokens", PASSAGE_TOKENS)
+    r = msa(tiny_env, "ingest", str(docs), "--bank", str(bank), "--passage-tokens", PASSAGE_TOKENS)
     assert r.returncode == 0 and "ingested 1 files" in r.stderr and "unchanged 2" in r.stderr, r.stderr
     assert check_cli(bank, monkeypatch, capsys) == 0
     assert contents(bank, docs) == contents(reference, docs)
 
 
 @pytest.fixture
-def changed_a(env, corpus, tmp_path_factory):
+def changed_a(tiny_env, corpus, tmp_path_factory):
     """a.md rewritten (restored afterwards), and a bank made from the corpus as it then is."""
     original = (corpus / "a.md").read_text()
     (corpus / "a.md").write_text(text("File a, second version", 4))
     reference = tmp_path_factory.mktemp("changed") / "bank"
-    assert ingest(env, corpus, reference).returncode == 0
+    assert ingest(tiny_env, corpus, reference).returncode == 0
     yield reference
     (corpus / "a.md").write_text(original)
 
@@ -159,14 +145,14 @@ REPLACING = ["append:manifest-tmp", "append:renamed", "append:before-delete", "a
 
 
 @pytest.mark.parametrize("point", REPLACING)
-def test_crash_while_a_changed_file_replaces_its_segment(env, corpus, two_segments, changed_a, tmp_path,
+def test_crash_while_a_changed_file_replaces_its_segment(tiny_env, corpus, two_segments, changed_a, tmp_path,
                                                          monkeypatch, capsys, point):
     bank = copy_bank(two_segments, tmp_path)
-    crashed(ingest(env, corpus, bank, crash=point))
+    crashed(ingest(tiny_env, corpus, bank, crash=point))
     after_crash(bank, monkeypatch, capsys)
     a_now, before, after = ([c for c in contents(b, corpus) if c[0] == "a.md"] for b in (bank, two_segments, changed_a))
     assert a_now in (before, after), "a.md's old and new documents are never both live, nor half of either"
-    r = ingest(env, corpus, bank)
+    r = ingest(tiny_env, corpus, bank)
     assert r.returncode == 0, r.stderr
     assert check_cli(bank, monkeypatch, capsys) == 0
     assert contents(bank, corpus) == contents(changed_a, corpus)
@@ -176,11 +162,11 @@ FORGET = ["remove:manifest-tmp", "remove:renamed", "remove:before-delete", "remo
 
 
 @pytest.mark.parametrize("point", FORGET)
-def test_crash_while_forgetting_a_file(env, corpus, two_segments, tmp_path, monkeypatch, capsys, point):
+def test_crash_while_forgetting_a_file(tiny_env, corpus, two_segments, tmp_path, monkeypatch, capsys, point):
     bank = copy_bank(two_segments, tmp_path)
-    crashed(msa(env, "forget", str(corpus / "a.md"), "--bank", str(bank), crash=point))
+    crashed(msa(crashing_at(tiny_env, point), "forget", str(corpus / "a.md"), "--bank", str(bank)))
     after_crash(bank, monkeypatch, capsys)
-    r = msa(env, "forget", str(corpus / "a.md"), "--bank", str(bank))
+    r = msa(tiny_env, "forget", str(corpus / "a.md"), "--bank", str(bank))
     assert r.returncode == 0, r.stderr
     assert check_cli(bank, monkeypatch, capsys) == 0
     assert contents(bank, corpus) == [c for c in contents(two_segments, corpus) if c[0] != "a.md"]
@@ -200,12 +186,12 @@ REINDEX = ["reindex:routes-written", "reindex:router-written", "reindex:manifest
 
 
 @pytest.mark.parametrize("point", REINDEX)
-def test_crash_while_reindexing(env, corpus, two_segments, router_file, tmp_path, monkeypatch, capsys, point):
+def test_crash_while_reindexing(tiny_env, corpus, two_segments, router_file, tmp_path, monkeypatch, capsys, point):
     bank = copy_bank(two_segments, tmp_path)
     new_id = RouterSpec(heads=((2, 0), (3, 3)), group=3, granularity=32).id
-    crashed(msa(env, "reindex", "--router", str(router_file), "--bank", str(bank), crash=point))
+    crashed(msa(crashing_at(tiny_env, point), "reindex", "--router", str(router_file), "--bank", str(bank)))
     after_crash(bank, monkeypatch, capsys)
-    r = msa(env, "reindex", "--router", str(router_file), "--bank", str(bank))
+    r = msa(tiny_env, "reindex", "--router", str(router_file), "--bank", str(bank))
     assert r.returncode == 0, r.stderr
     assert check_cli(bank, monkeypatch, capsys) == 0
     reindexed = Bank.open(bank)
@@ -221,14 +207,15 @@ CRASH_POINTS = sorted(set(FRESH_INGEST + ["append:renamed"] + REPLACING + FORGET
 
 
 def test_every_crash_point_in_the_code_is_tested():
-    """A crash point added to bank.py or lexical.py without a test here fails this."""
+    """A crash point added to the bank's modules (bank.py, writer.py, lexical.py, ...) without a test here fails
+    this."""
     import re
 
     memory = Path(cli.__file__).parent / "memory"
-    source = (memory / "bank.py").read_text() + (memory / "lexical.py").read_text()
+    source = "".join(path.read_text() for path in sorted(memory.glob("*.py")))
     named = set(re.findall(r'crash_point\("([^"]+)"\)', source))
-    # _write_manifest's and _delete_segments' points are named after the step that calls them.
-    commit_steps = re.findall(r'(?:_commit|_write_manifest)\(.*, "([a-z]+)"\)', source)
+    # write_manifest's and _delete_segments' points are named after the step that calls them.
+    commit_steps = re.findall(r'(?:_commit|write_manifest)\(.*, "([a-z]+)"\)', source)
     delete_steps = re.findall(r'_delete_segments\(.*, "([a-z]+)"\)', source)
     named |= {f"{step}:{point}" for step in commit_steps for point in ("manifest-tmp", "renamed")}
     named |= {f"{step}:{point}" for step in delete_steps for point in ("before-delete", "after-delete")}

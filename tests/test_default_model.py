@@ -5,14 +5,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import MSA, msa, msa_env
 from msa_cli.corpus.readers import read_file
 from msa_cli.memory.bank import Bank
 from msa_cli.model.loading import converted_gguf, default_gguf, load_model
@@ -22,9 +21,7 @@ SAMPLES = ROOT / "sample_corpora"
 pytestmark = pytest.mark.slow
 
 
-def msa(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "msa_cli.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "MSA_BANK": ""}, **kw)
+ENV = msa_env()   # the user's own MSA_HOME: the GGUF is converted once, not once per run
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def model():
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory):
     path = tmp_path_factory.mktemp("bank")
-    r = msa("ingest", str(SAMPLES), "--bank", str(path), "--quiet")
+    r = msa(ENV, "ingest", str(SAMPLES), "--bank", str(path), "--quiet")
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     return path
@@ -56,7 +53,7 @@ def test_our_forward_reproduces_transformers_on_the_default_model(model):
 
 def test_ask_answers_with_sources_that_really_hold_the_cited_text(bank):
     q = json.loads((SAMPLES / "questions.jsonl").read_text().splitlines()[0])
-    r = msa("ask", q["question"], "--bank", str(bank), "--json", "--max-tokens", "24")
+    r = msa(ENV, "ask", q["question"], "--bank", str(bank), "--json", "--max-tokens", "24")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # stdout is exactly one JSON object
     (first, last), gold_file = q["gold_lines"], q["gold_files"][0]
@@ -95,7 +92,7 @@ def test_every_format_of_the_sample_corpus_is_in_the_bank_and_cited_spans_hold_i
 
 
 def test_search_lists_documents_with_spans(bank):
-    r = msa("search", "virtual environment", "--bank", str(bank), "--json", "-k", "3")
+    r = msa(ENV, "search", "virtual environment", "--bank", str(bank), "--json", "-k", "3")
     assert r.returncode == 0, r.stderr
     hits = [json.loads(line) for line in r.stdout.splitlines()]
     assert [h["rank"] for h in hits] == [1, 2, 3]
@@ -103,27 +100,27 @@ def test_search_lists_documents_with_spans(bank):
 
 
 def test_reingesting_an_unchanged_folder_encodes_nothing(bank):
-    before = json.loads(msa("status", "--bank", str(bank), "--json").stdout)
-    r = msa("ingest", str(SAMPLES), "--bank", str(bank))
+    before = json.loads(msa(ENV, "status", "--bank", str(bank), "--json").stdout)
+    r = msa(ENV, "ingest", str(SAMPLES), "--bank", str(bank))
     assert r.returncode == 0, r.stderr
     assert "ingested 0 files" in r.stderr and "removed 0" in r.stderr
-    after = json.loads(msa("status", "--bank", str(bank), "--json").stdout)
+    after = json.loads(msa(ENV, "status", "--bank", str(bank), "--json").stdout)
     assert after["documents"] == before["documents"] and after["segments"] == before["segments"]
 
 
 def test_errors_are_one_line_with_documented_codes(bank, tmp_path):
-    r = msa("ask", "anything", "--bank", str(tmp_path / "none"))
+    r = msa(ENV, "ask", "anything", "--bank", str(tmp_path / "none"))
     assert r.returncode == 3 and r.stderr.count("\n") == 1 and "msa ingest" in r.stderr
-    r = msa("ask", "   ", "--bank", str(bank))
+    r = msa(ENV, "ask", "   ", "--bank", str(bank))
     assert r.returncode == 2 and "empty" in r.stderr
     other = tmp_path / "other"
     shutil.copytree(bank, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["settings"]["model"]["weights_sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
-    r = msa("ask", "anything", "--bank", str(other))
+    r = msa(ENV, "ask", "anything", "--bank", str(other))
     assert r.returncode == 4 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    r = msa("ask", "anything", "--bank", str(bank), "--model", str(tmp_path / "missing.gguf"))
+    r = msa(ENV, "ask", "anything", "--bank", str(bank), "--model", str(tmp_path / "missing.gguf"))
     assert r.returncode == 5 and "not found" in r.stderr
 
 
@@ -143,11 +140,39 @@ def test_the_shipped_router_finds_the_sample_questions_gold_files(bank, model):
     assert found(fuse=True) >= 15 and found(fuse=False) >= 13
 
 
+def test_the_bank_reads_its_router_with_the_threshold_calibrated_for_it(bank, model, tmp_path):
+    """The relevance threshold ships with the router (its file, and the bank's copy of it); a bank whose copy
+    predates that still gets it from the shipped router of the same id."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from msa_cli.engine import Engine
+    from msa_cli.memory.bank import Bank
+    from msa_cli.qa.ask import relevance
+
+    engine = Engine.open(model, bank)
+    assert engine.router.spec.relevant is not None and relevance(engine).router == engine.router.spec.relevant
+    old = tmp_path / "old-bank"
+    shutil.copytree(bank, old)
+    copy = Bank.open(old).router_weights
+    with safe_open(copy, framework="pt") as f:
+        meta, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    assert "relevant" in meta
+    del meta["relevant"]
+    save_file(tensors, copy, metadata=meta)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"].pop(copy.name)   # an older bank recorded no hash of it
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert Engine.open(model, old).router.spec.relevant == engine.router.spec.relevant
+
+
 def test_every_sample_question_is_answered_from_its_gold_file_through_the_pipe(bank):
     """`msa ask - --json` as a script runs it: one JSON line per question on stdout and nothing else, each answer's
     sources include the question's gold file, and every cited span holds the text the model read."""
     questions = [json.loads(line) for line in (SAMPLES / "questions.jsonl").read_text().splitlines()]
-    r = msa("ask", "-", "--bank", str(bank), "--json", "--max-tokens", "8",
+    r = msa(ENV, "ask", "-", "--bank", str(bank), "--json", "--max-tokens", "8",
             input="".join(q["question"] + "\n" for q in questions))
     assert r.returncode == 0, r.stderr
     answers = [json.loads(line) for line in r.stdout.splitlines()]
@@ -161,7 +186,7 @@ def test_every_sample_question_is_answered_from_its_gold_file_through_the_pipe(b
 
 
 def test_a_question_nothing_in_the_samples_answers_is_refused_with_exit_7(bank):
-    r = msa("ask", "Who won the 1966 FIFA World Cup final?", "--bank", str(bank))
+    r = msa(ENV, "ask", "Who won the 1966 FIFA World Cup final?", "--bank", str(bank))
     assert r.returncode == 7 and "Nothing in memory is relevant" in r.stdout
 
 
@@ -173,9 +198,8 @@ def test_chat_through_a_terminal(bank, tmp_path):
 
     pid, fd = pty.fork()
     if pid == 0:   # the child: msa chat on the terminal
-        os.environ.update({"MSA_BANK": "", "MSA_HOME": os.environ.get("MSA_HOME", str(tmp_path))})
-        os.execv(sys.executable, [sys.executable, "-m", "msa_cli.cli", "chat", "--bank", str(bank),
-                                  "--max-tokens", "40"])
+        os.execve(MSA[0], [*MSA, "chat", "--bank", str(bank), "--max-tokens", "40"],
+                  msa_env(os.environ.get("MSA_HOME", tmp_path)))
     seen = []
 
     def read_until(marker: str, timeout: float = 300) -> str:

@@ -3,9 +3,10 @@ exactly one document; pooled K is the chunk mean of the keys a lone forward comp
 
 import torch
 
-from msa_cli.memory.encoder import encode, packs
+from msa_cli.memory.encoder import encode
 from msa_cli.memory.router import Router, RouterSpec
 from msa_cli.model.backbone import causal_attention
+from msa_cli.model.packing import packs
 from tiny import tiny_backbone
 
 LAYERS = [2, 3]
@@ -63,7 +64,7 @@ def test_pooled_k_and_v_are_chunk_means_of_a_lone_forward_with_positions_from_ze
     ids, positions = torch.tensor(doc), torch.arange(len(doc))
     h = backbone.embed_tokens(ids)
     for i in range(max(LAYERS) + 1):
-        q, k, v = backbone.qkv(i, h)
+        q, k, v = backbone.qkv(i, backbone.attn_input(i, h))
         q, k = backbone.rope(q, positions), backbone.rope(k, positions)
         if i in LAYERS:
             for chunk, (start, end) in enumerate([(0, 8), (8, 16), (16, 19)]):

@@ -1,14 +1,12 @@
 """`msa eval`: retrieval and answer metrics computed right, and the harness end to end on a tiny model and set."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import msa, msa_env
 from msa_cli.evaluation import full_context_order, metrics
 from msa_cli.memory.bank import Document
 from msa_cli.qa.scoring import contains_answer, exact_match, normalize, token_f1
@@ -79,10 +77,8 @@ def test_eval_reports_every_system_in_one_json_object(eval_set, tmp_path):
     for i in range(12):
         (grown / "corpus" / f"filler{i:02d}.txt").write_text(f"Filler {i}\n\nUnrelated text number {i} about "
                                                            f"{['cooking', 'trains', 'taxes'][i % 3]} and more.\n")
-    model = save_tiny_model(tmp_path / "model")
-    env = {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(grown), "--no-generate", "--json",
-                        "--baseline", "bm25", "--limit", "3"], capture_output=True, text=True, env=env)
+    env = msa_env(tmp_path / "home", save_tiny_model(tmp_path / "model"))
+    r = msa(env, "eval", str(grown), "--no-generate", "--json", "--baseline", "bm25", "--limit", "3")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) >= {"msa", "bm25"} and out["bank"]["documents"] == 16
@@ -91,8 +87,7 @@ def test_eval_reports_every_system_in_one_json_object(eval_set, tmp_path):
     questions = [json.loads(line) for line in (grown / "questions.jsonl").read_text().splitlines()]
     ranks = []
     for q in questions:
-        r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "search", q["question"], "--json", "-k", "16",
-                            "--bank", out["bank"]["bank"]], capture_output=True, text=True, env=env)
+        r = msa(env, "search", q["question"], "--json", "-k", "16", "--bank", out["bank"]["bank"])
         ranking = [Path(json.loads(line)["path"]).stem for line in r.stdout.splitlines()]
         ranks.append(ranking.index(q["gold_docs"][0]) + 1)
     assert out["msa"]["questions"] == 3 and out["msa"]["ms_per_question"] > 0
@@ -100,8 +95,7 @@ def test_eval_reports_every_system_in_one_json_object(eval_set, tmp_path):
         assert out["msa"][f"recall@{k}"] == pytest.approx(sum(rank <= k for rank in ranks) / 3), (k, ranks)
     assert out["msa"]["mrr"] == pytest.approx(sum(1 / rank for rank in ranks) / 3), ranks
 
-    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(tmp_path), "--no-generate"],
-                       capture_output=True, text=True, env=env)
+    r = msa(env, "eval", str(tmp_path), "--no-generate")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not an eval set" in r.stderr
 
 
@@ -117,10 +111,8 @@ def test_dense_baseline_finds_the_obvious_documents(eval_set, tmp_path):
 
 
 def test_eval_answers_with_every_system_in_the_same_json_shape(eval_set, tmp_path):
-    model = save_tiny_model(tmp_path / "model")
-    env = {**os.environ, "MSA_MODEL": str(model), "MSA_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(eval_set), "--json", "--baseline", "bm25",
-                        "--baseline", "full", "--max-tokens", "3"], capture_output=True, text=True, env=env)
+    env = msa_env(tmp_path / "home", save_tiny_model(tmp_path / "model"))
+    r = msa(env, "eval", str(eval_set), "--json", "--baseline", "bm25", "--baseline", "full", "--max-tokens", "3")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     answer_keys = {"exact_match", "f1", "contains_answer", "abstained", "gold_read", "all_gold_read", "answer_ms_p50",
@@ -133,6 +125,5 @@ def test_eval_answers_with_every_system_in_the_same_json_shape(eval_set, tmp_pat
     assert out["full"]["questions"] == out["msa"]["questions"] == 3
     assert out["bm25"]["gold_read"] == out["bm25"]["all_gold_read"] == 1.0, "bm25 ranks each gold first: it is read"
 
-    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "eval", str(eval_set), "--no-generate",
-                        "--baseline", "full"], capture_output=True, text=True, env=env)
+    r = msa(env, "eval", str(eval_set), "--no-generate", "--baseline", "full")
     assert r.returncode == 2 and "drop --no-generate" in r.stderr

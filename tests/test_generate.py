@@ -4,7 +4,7 @@ import torch
 
 from msa_cli.memory.encoder import encode
 from msa_cli.memory.router import Router, RouterSpec
-from msa_cli.qa.generate import Decoder, KVCache, Memory
+from msa_cli.model.decode import Decoder, KVCache, Memory
 from tiny import tiny_backbone
 
 

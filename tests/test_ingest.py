@@ -5,26 +5,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 import msa_cli.ingest as ingest_module
 from msa_cli.engine import Engine
 from msa_cli.ingest import IngestInterrupted, forget, ingest
 from msa_cli.memory.bank import Bank
-from msa_cli.model.loading import load_model
 from test_formats import make_pdf
-from tiny import save_tiny_model
 
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    directory = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-    return load_model(str(directory), torch.float32)
-
-
-@pytest.fixture(autouse=True)
-def msa_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSA_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("msa_home")   # each test's own MSA_HOME (conftest, as tiny_model is)
 
 
 def engine_for(model, bank: Path) -> Engine:
@@ -62,7 +50,8 @@ def count_encodes(monkeypatch) -> list[int]:
     return calls
 
 
-def test_every_format_is_ingested_and_every_bad_file_skipped_with_one_warning(model, tmp_path, capsys, monkeypatch):
+def test_every_format_is_ingested_and_every_bad_file_skipped_with_one_warning(tiny_model, tmp_path, capsys,
+                                                                              monkeypatch):
     docs = tmp_path / "docs"
     write(docs / "notes.md", paragraphs("markdown"))
     write(docs / "page.html", "<html><body><nav>Menu</nav><p>" + paragraphs("html") + "</p></body></html>")
@@ -87,7 +76,7 @@ def test_every_format_is_ingested_and_every_bad_file_skipped_with_one_warning(mo
         (_ for _ in ()).throw(PermissionError(13, "Permission denied")) if Path(p).name == "locked.txt"
         else real_open(p, *a, **k)))
 
-    report = ingest(engine_for(model, tmp_path / "bank"), [docs])
+    report = ingest(engine_for(tiny_model, tmp_path / "bank"), [docs])
 
     assert report.ingested == 6
     warnings = capsys.readouterr().err.splitlines()
@@ -104,23 +93,23 @@ def test_every_format_is_ingested_and_every_bad_file_skipped_with_one_warning(mo
     assert pages == [1, 2]
 
 
-def test_reingest_is_incremental_replaces_changed_and_prunes_gone(model, tmp_path, monkeypatch):
+def test_reingest_is_incremental_replaces_changed_and_prunes_gone(tiny_model, tmp_path, monkeypatch):
     docs = tmp_path / "docs"
     for name in ("a.md", "b.md", "c.md", "d.md"):
         write(docs / name, paragraphs(name))
     bank = tmp_path / "bank"
-    ingest(engine_for(model, bank), [docs])
+    ingest(engine_for(tiny_model, bank), [docs])
     before = {d.source: d.doc_id for d in Bank.open(bank).documents()}
 
     calls = count_encodes(monkeypatch)
-    report = ingest(engine_for(model, bank), [docs])
+    report = ingest(engine_for(tiny_model, bank), [docs])
     assert calls == [] and report.unchanged == 4 and report.ingested == 0
 
     write(docs / "a.md", paragraphs("changed", n=1))     # changed
     (docs / "b.md").unlink()                              # gone
     write(docs / "c.md", "")                             # now empty: its old text is stale
     write(docs / "e.md", paragraphs("new"))               # new
-    report = ingest(engine_for(model, bank), [docs])
+    report = ingest(engine_for(tiny_model, bank), [docs])
     assert (report.ingested, report.unchanged, report.removed) == (2, 1, 2)
     held = sources(bank)
     assert set(held) == {str(docs / n) for n in ("a.md", "d.md", "e.md")}
@@ -130,28 +119,28 @@ def test_reingest_is_incremental_replaces_changed_and_prunes_gone(model, tmp_pat
     assert docs_now[str(docs / "d.md")].doc_id == before[str(docs / "d.md")], "unchanged files keep their documents"
 
 
-def test_no_prune_keeps_files_gone_from_the_folder(model, tmp_path):
+def test_no_prune_keeps_files_gone_from_the_folder(tiny_model, tmp_path):
     docs = tmp_path / "docs"
     write(docs / "a.md", paragraphs("a"))
     write(docs / "b.md", paragraphs("b"))
     bank = tmp_path / "bank"
-    ingest(engine_for(model, bank), [docs])
+    ingest(engine_for(tiny_model, bank), [docs])
     (docs / "b.md").unlink()
-    report = ingest(engine_for(model, bank), [docs], prune=False)
+    report = ingest(engine_for(tiny_model, bank), [docs], prune=False)
     assert report.removed == 0 and str(docs / "b.md") in sources(bank)
     # Ingesting one file never prunes its siblings.
     write(docs / "c.md", paragraphs("c"))
-    ingest(engine_for(model, bank), [docs / "c.md"])
+    ingest(engine_for(tiny_model, bank), [docs / "c.md"])
     assert str(docs / "a.md") in sources(bank)
 
 
-def test_forget_files_and_folders_even_when_gone(model, tmp_path):
+def test_forget_files_and_folders_even_when_gone(tiny_model, tmp_path):
     write(tmp_path / "docs" / "keep.md", paragraphs("keep"))
     write(tmp_path / "docs" / "drop.md", paragraphs("drop"))
     write(tmp_path / "docs" / "sub" / "x.md", paragraphs("x"))
     write(tmp_path / "docs-other" / "y.md", paragraphs("y"))   # shares a prefix, not a folder
     bank = tmp_path / "bank"
-    ingest(engine_for(model, bank), [tmp_path / "docs", tmp_path / "docs-other"])
+    ingest(engine_for(tiny_model, bank), [tmp_path / "docs", tmp_path / "docs-other"])
     import shutil
     shutil.rmtree(tmp_path / "docs" / "sub")
     assert forget(Bank.open(bank), [tmp_path / "docs" / "sub", tmp_path / "docs" / "drop.md"])[0] == 2
@@ -159,7 +148,7 @@ def test_forget_files_and_folders_even_when_gone(model, tmp_path):
     assert forget(Bank.open(bank), [tmp_path / "nothing"]) == (0, 0)
 
 
-def test_a_file_that_vanishes_mid_ingest_is_skipped(model, tmp_path, capsys, monkeypatch):
+def test_a_file_that_vanishes_mid_ingest_is_skipped(tiny_model, tmp_path, capsys, monkeypatch):
     docs = tmp_path / "docs"
     write(docs / "a.md", paragraphs("a"))
     write(docs / "b.md", paragraphs("b"))
@@ -171,12 +160,12 @@ def test_a_file_that_vanishes_mid_ingest_is_skipped(model, tmp_path, capsys, mon
         return items
 
     monkeypatch.setattr(ingest_module, "unique_files", list_and_delete)
-    report = ingest(engine_for(model, tmp_path / "bank"), [docs])
+    report = ingest(engine_for(tiny_model, tmp_path / "bank"), [docs])
     assert report.ingested == 1 and report.skipped == {"vanished": 1}
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_interrupted_ingest_keeps_committed_batches_and_resumes(model, tmp_path, monkeypatch):
+def test_interrupted_ingest_keeps_committed_batches_and_resumes(tiny_model, tmp_path, monkeypatch):
     docs = tmp_path / "docs"
     for i in range(6):
         write(docs / f"f{i}.md", paragraphs(f"file {i}", n=2))
@@ -191,20 +180,20 @@ def test_interrupted_ingest_keeps_committed_batches_and_resumes(model, tmp_path,
 
     monkeypatch.setattr(Engine, "encode", encode_then_stop)
     with pytest.raises(IngestInterrupted, match="3 files were committed"):
-        ingest(engine_for(model, tmp_path / "bank"), [docs])
+        ingest(engine_for(tiny_model, tmp_path / "bank"), [docs])
     assert len(sources(tmp_path / "bank")) == 3
 
     monkeypatch.setattr(Engine, "encode", real)
     calls = count_encodes(monkeypatch)
-    report = ingest(engine_for(model, tmp_path / "bank"), [docs])
+    report = ingest(engine_for(tiny_model, tmp_path / "bank"), [docs])
     assert (report.unchanged, report.ingested, len(calls)) == (3, 3, 3)
     assert len(sources(tmp_path / "bank")) == 6
 
 
-def test_last_ingest_is_recorded(model, tmp_path):
+def test_last_ingest_is_recorded(tiny_model, tmp_path):
     write(tmp_path / "docs" / "a.md", paragraphs("a"))
     write(tmp_path / "docs" / "b.bin", b"\0\1")
-    ingest(engine_for(model, tmp_path / "bank"), [tmp_path / "docs"])
+    ingest(engine_for(tiny_model, tmp_path / "bank"), [tmp_path / "docs"])
     last = Bank.open(tmp_path / "bank").info["last_ingest"]
     assert last["roots"] == [str(tmp_path / "docs")]
     assert (last["ingested"], last["skipped"]) == (1, {"unsupported type": 1})

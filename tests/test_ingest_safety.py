@@ -2,52 +2,29 @@
 file twice, disobey a parent's .msaignore, read the bank into itself, or hold the whole corpus in memory."""
 
 import os
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
-import torch
 
+import msa_cli.corpus.passages as passages_module
 import msa_cli.ingest as ingest_module
+from conftest import msa, msa_env
 from msa_cli.corpus.readers import UnreadableFile, read_bytes
 from msa_cli.corpus.walk import unique_files, walk
 from msa_cli.engine import Engine
 from msa_cli.ingest import ingest
 from msa_cli.memory.bank import Bank
-from msa_cli.model.loading import load_model
-from tiny import save_tiny_model
+from test_ingest import write
 
 # Root reads every file; dropping its overrides makes a permission real (CI runs as root too).
 AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+pytestmark = pytest.mark.usefixtures("msa_home")   # each test's own MSA_HOME (conftest, as tiny_model is)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return load_model(str(model_dir), torch.float32)
-
-
-@pytest.fixture(autouse=True)
-def msa_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSA_HOME", str(tmp_path / "home"))
-
-
-def msa(model_dir, tmp_path, *args, prefix=(), **kw):
-    env = {**os.environ, "MSA_MODEL": str(model_dir), "MSA_HOME": str(tmp_path / "home"), "MSA_BANK": ""}
-    return subprocess.run([*prefix, sys.executable, "-m", "msa_cli.cli", *args], capture_output=True, text=True,
-                          env=env, **{"timeout": 300, **kw})
-
-
-def write(path: Path, text: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
-    return path
+@pytest.fixture
+def env(tiny_model_dir, msa_home):
+    return msa_env(msa_home, tiny_model_dir)
 
 
 def note(tag: str) -> str:
@@ -81,20 +58,20 @@ def pdf_with_stream(content: bytes) -> bytes:
 
 @pytest.mark.parametrize("mode, unknown", [(0o000, ["private"]), (0o600, ["private/diary.md", "private/env"])],
                          ids=["cannot-list", "cannot-stat-entries"])
-def test_an_unreadable_folder_keeps_its_documents_and_says_so(model_dir, tmp_path, mode, unknown):
+def test_an_unreadable_folder_keeps_its_documents_and_says_so(env, tmp_path, mode, unknown):
     notes = tmp_path / "notes"
     write(notes / "open.md", note("open"))
     write(notes / "private" / "diary.md", note("diary"))
     write(notes / "private" / "env" / "pyvenv.cfg", "home = /usr/bin\n")   # the virtualenv sniff looks in here
     bank = tmp_path / "bank"
-    assert msa(model_dir, tmp_path, "ingest", str(notes), "--bank", str(bank)).returncode == 0
+    assert msa(env, "ingest", str(notes), "--bank", str(bank)).returncode == 0
     held = sources(bank)
     assert str(notes / "private" / "diary.md") in held
 
     write(notes / "new.md", note("new"))
     (notes / "private").chmod(mode)
     try:
-        r = msa(model_dir, tmp_path, "ingest", str(notes), "--bank", str(bank), prefix=AS_A_USER)
+        r = msa(env, "ingest", str(notes), "--bank", str(bank), prefix=AS_A_USER)
     finally:
         (notes / "private").chmod(0o755)
     assert r.returncode == 0, r.stderr
@@ -106,14 +83,14 @@ def test_an_unreadable_folder_keeps_its_documents_and_says_so(model_dir, tmp_pat
     assert sources(bank) == held | {str(notes / "new.md")}
 
 
-def test_an_unreadable_file_is_kept_by_the_same_rule(model_dir, tmp_path):
+def test_an_unreadable_file_is_kept_by_the_same_rule(env, tmp_path):
     notes = tmp_path / "notes"
     write(notes / "a.md", note("a"))
     locked = write(notes / "locked.md", note("locked"))
     bank = tmp_path / "bank"
-    assert msa(model_dir, tmp_path, "ingest", str(notes), "--bank", str(bank)).returncode == 0
+    assert msa(env, "ingest", str(notes), "--bank", str(bank)).returncode == 0
     locked.chmod(0)
-    r = msa(model_dir, tmp_path, "ingest", str(notes), "--bank", str(bank), prefix=AS_A_USER)
+    r = msa(env, "ingest", str(notes), "--bank", str(bank), prefix=AS_A_USER)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("msa: warning: skipped") == 1 and "stay in the bank" in r.stderr
     assert str(locked) in sources(bank)
@@ -121,32 +98,32 @@ def test_an_unreadable_file_is_kept_by_the_same_rule(model_dir, tmp_path):
 
 # --- one file never stops the others ----------------------------------------------------------------------------
 
-def test_a_pdf_decompression_bomb_is_skipped_and_the_rest_ingested(model, tmp_path, capsys):
+def test_a_pdf_decompression_bomb_is_skipped_and_the_rest_ingested(tiny_model, tmp_path, capsys):
     docs = tmp_path / "docs"
     bomb = write(docs / "bomb.pdf", pdf_with_stream(b"BT /F1 12 Tf 72 720 Td (Boom) Tj ET\n" + b" " * 100_000_000))
     assert len(bomb.read_bytes()) < 200_000   # 100 MB of content in about 98 KB
     write(docs / "fine.pdf", pdf_with_stream(b"BT /F1 12 Tf 72 720 Td (A fine page of text) Tj ET\n"))
     write(docs / "notes.md", note("notes"))
-    report = ingest(Engine.open(model, tmp_path / "bank", create=True), [docs])
+    report = ingest(Engine.open(tiny_model, tmp_path / "bank", create=True), [docs])
     assert report.ingested == 2 and report.skipped == {"damaged PDF": 1}
     err = capsys.readouterr().err.splitlines()
     assert err == [f"msa: warning: skipped {bomb}: damaged PDF (LimitReachedError)"]
     assert sources(tmp_path / "bank") == {str(docs / "fine.pdf"), str(docs / "notes.md")}
 
 
-def test_a_reader_that_fails_in_any_way_skips_only_its_file(model, tmp_path, capsys, monkeypatch):
+def test_a_reader_that_fails_in_any_way_skips_only_its_file(tiny_model, tmp_path, capsys, monkeypatch):
     docs = tmp_path / "docs"
     for name in ("a.md", "b.md", "c.md"):
         write(docs / name, note(name))
-    real_parse = ingest_module.parse
+    real_parse = passages_module.parse
 
     def parse(path, data):
         if path.name == "b.md":
             raise RuntimeError("a reader bug\nwith a second line")
         return real_parse(path, data)
 
-    monkeypatch.setattr(ingest_module, "parse", parse)
-    report = ingest(Engine.open(model, tmp_path / "bank", create=True), [docs])
+    monkeypatch.setattr(passages_module, "parse", parse)
+    report = ingest(Engine.open(tiny_model, tmp_path / "bank", create=True), [docs])
     assert report.ingested == 2 and report.skipped == {"reader failed": 1}
     assert capsys.readouterr().err.splitlines() == [
         f"msa: warning: skipped {docs / 'b.md'}: its reader failed (RuntimeError: a reader bug)"]
@@ -154,11 +131,11 @@ def test_a_reader_that_fails_in_any_way_skips_only_its_file(model, tmp_path, cap
 
 # --- pipes, devices, links, ignore files, the bank itself -------------------------------------------------------
 
-def test_a_fifo_or_device_named_as_a_root_is_refused_at_once(model_dir, tmp_path):
+def test_a_fifo_or_device_named_as_a_root_is_refused_at_once(env, tmp_path):
     fifo = tmp_path / "pipe.txt"
     os.mkfifo(fifo)
     for root in (fifo, Path("/dev/zero")):
-        r = msa(model_dir, tmp_path, "ingest", str(root), "--bank", str(tmp_path / "bank"), timeout=120)
+        r = msa(env, "ingest", str(root), "--bank", str(tmp_path / "bank"), timeout=120)
         assert r.returncode == 6, r.stderr
         assert f"msa: warning: skipped {root}: not a regular file" in r.stderr
 
@@ -170,7 +147,7 @@ def test_reading_a_fifo_never_blocks(tmp_path):
         read_bytes(fifo)
 
 
-def test_a_file_reached_by_several_paths_is_read_once_by_its_real_path(model, tmp_path):
+def test_a_file_reached_by_several_paths_is_read_once_by_its_real_path(tiny_model, tmp_path):
     docs = tmp_path / "docs"
     write(docs / "real.md", note("real"))
     os.symlink("real.md", docs / "a-link.md")          # sorts first, but the real path wins
@@ -181,11 +158,11 @@ def test_a_file_reached_by_several_paths_is_read_once_by_its_real_path(model, tm
     items = unique_files([tmp_path / "outside-link.md", docs])
     assert [str(p) for _, p in items] == [str(docs / "real.md"), str(docs / "only-link.md")]
 
-    ingest(Engine.open(model, tmp_path / "bank", create=True), [docs])
+    ingest(Engine.open(tiny_model, tmp_path / "bank", create=True), [docs])
     assert sources(tmp_path / "bank") == {str(docs / "real.md"), str(docs / "only-link.md")}
 
 
-def test_a_parent_msaignore_applies_to_a_subfolder_and_the_parent_prunes_nothing(model, tmp_path):
+def test_a_parent_msaignore_applies_to_a_subfolder_and_the_parent_prunes_nothing(tiny_model, tmp_path):
     notes = tmp_path / "notes"
     write(notes / ".msaignore", "secret.md\nbuild/\n")
     write(notes / "sub" / "secret.md", note("secret"))
@@ -196,27 +173,27 @@ def test_a_parent_msaignore_applies_to_a_subfolder_and_the_parent_prunes_nothing
     assert ignored.kind == "ignored" and str(notes / ".msaignore") in ignored.detail
 
     bank = tmp_path / "bank"
-    ingest(Engine.open(model, bank, create=True), [notes / "sub"])
+    ingest(Engine.open(tiny_model, bank, create=True), [notes / "sub"])
     assert sources(bank) == {str(notes / "sub" / "plain.md")}
-    report = ingest(Engine.open(model, bank), [notes])
+    report = ingest(Engine.open(tiny_model, bank), [notes])
     assert (report.ingested, report.unchanged, report.removed) == (0, 1, 0)
 
 
-def test_the_bank_inside_an_ingested_folder_is_not_read_and_a_root_inside_the_bank_is_refused(model_dir, tmp_path):
+def test_the_bank_inside_an_ingested_folder_is_not_read_and_a_root_inside_the_bank_is_refused(env, tmp_path):
     docs = tmp_path / "docs"
     write(docs / "a.md", note("a"))
     bank = docs / "bank"
     for _ in range(2):   # the second run sees the bank's own files (manifest.json...) under docs
-        r = msa(model_dir, tmp_path, "ingest", str(docs), "--bank", str(bank))
+        r = msa(env, "ingest", str(docs), "--bank", str(bank))
         assert r.returncode == 0, r.stderr
     assert sources(bank) == {str(docs / "a.md")}
-    r = msa(model_dir, tmp_path, "ingest", str(bank / "segments"), "--bank", str(bank))
+    r = msa(env, "ingest", str(bank / "segments"), "--bank", str(bank))
     assert (r.returncode, r.stderr.count("\n")) == (2, 1) and "inside the memory bank" in r.stderr
 
 
 # --- memory does not grow with the corpus -----------------------------------------------------------------------
 
-def test_files_are_encoded_and_committed_as_they_are_read(model, tmp_path, monkeypatch):
+def test_files_are_encoded_and_committed_as_they_are_read(tiny_model, tmp_path, monkeypatch):
     """Bounded work: at every commit, nothing beyond the batch being committed has been read. Peak memory is one
     batch, whatever the corpus's size (benchmarks/ingest_memory.py measures the RSS)."""
     docs = tmp_path / "docs"
@@ -224,15 +201,15 @@ def test_files_are_encoded_and_committed_as_they_are_read(model, tmp_path, monke
         write(docs / f"f{i:02d}.md", note(f"file {i}"))
     monkeypatch.setattr(ingest_module, "COMMIT_TOKENS", 200)   # about two files per commit
     parsed, at_commit = [], []
-    real_parse, real_commit = ingest_module.parse, Engine.commit
-    monkeypatch.setattr(ingest_module, "parse", lambda path, data: parsed.append(path) or real_parse(path, data))
+    real_parse, real_commit = passages_module.parse, Engine.commit
+    monkeypatch.setattr(passages_module, "parse", lambda path, data: parsed.append(path) or real_parse(path, data))
 
     def commit(self, passages, encoded, replacing=()):
         at_commit.append((len(parsed), len({p.path for p, _ in passages})))
         return real_commit(self, passages, encoded, replacing)
 
     monkeypatch.setattr(Engine, "commit", commit)
-    ingest(Engine.open(model, tmp_path / "bank", create=True), [docs])
+    ingest(Engine.open(tiny_model, tmp_path / "bank", create=True), [docs])
     assert len(at_commit) >= 4
     committed = 0
     for read_so_far, in_batch in at_commit:
@@ -243,22 +220,22 @@ def test_files_are_encoded_and_committed_as_they_are_read(model, tmp_path, monke
 
 # --- every bank keeps its lexical index --------------------------------------------------------------------------
 
-def test_every_bank_keeps_its_lexical_index_so_readers_never_rebuild_it(model, tmp_path, monkeypatch):
+def test_every_bank_keeps_its_lexical_index_so_readers_never_rebuild_it(tiny_model, tmp_path, monkeypatch):
     from msa_cli.memory import lexical
 
     docs = tmp_path / "docs"
     for name in ("a.md", "b.md", "c.md"):
         write(docs / name, note(name))
     bank = tmp_path / "bank"
-    engine = Engine.open(model, bank, create=True)
+    engine = Engine.open(tiny_model, bank, create=True)
     assert engine.router.spec.kind != "learned"   # the case that used to rebuild BM25 in every process
     ingest(engine, [docs])
     ingest_module.forget(Bank.open(bank), [docs / "b.md"])
 
-    def no_rebuild(bank):
+    def no_rebuild(*args):
         raise AssertionError("a reader rebuilt the lexical index")
 
-    monkeypatch.setattr(lexical, "_build", no_rebuild)
-    hits = Engine.open(model, bank).route("a.md part 1", 5)
+    monkeypatch.setattr(lexical.LexicalIndex, "build", no_rebuild)
+    hits = Engine.open(tiny_model, bank).route("a.md part 1", 5)
     assert {h.document.source for h in hits} == {str(docs / "a.md"), str(docs / "c.md")}
     assert hits[0].bm25 > 0

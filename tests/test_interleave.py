@@ -1,6 +1,6 @@
 """Memory Interleave's hop logic, over a fake router whose scores the test sets."""
 
-from msa_cli.engine import Hit
+from msa_cli.memory.search import Hit
 from msa_cli.memory.bank import Document
 from msa_cli.qa.interleave import Relevance, retrieve
 

@@ -13,22 +13,14 @@ from msa_cli.errors import BankMismatch
 from msa_cli.ingest import forget, ingest
 from msa_cli.memory import lexical
 from msa_cli.memory.bank import Bank
-from msa_cli.memory.router import load_spec, named_router
-from msa_cli.memory.router_training import train_router_file
-from msa_cli.model.loading import load_model
-from tiny import save_tiny_model
+from msa_cli.memory.mode import mode_for
+from msa_cli.memory.router import load_spec
+from msa_cli.training.router import train_router_file
 
 TOPICS = ["harbour", "volcano", "orchard", "glacier", "lighthouse", "meadow", "canyon", "reef", "tundra", "bazaar"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return load_model(str(save_tiny_model(tmp_path_factory.mktemp("tiny-model"))), torch.float32)
-
-
-@pytest.fixture(autouse=True)
-def msa_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSA_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("msa_home")   # each test's own MSA_HOME (conftest, as tiny_model is)
 
 
 @pytest.fixture
@@ -50,9 +42,9 @@ def train(model, corpus, out, **kw):
     return train_router_file(model, out, **{**args, **kw})
 
 
-def test_train_router_writes_a_router_and_its_manifest(model, corpus, tmp_path):
+def test_train_router_writes_a_router_and_its_manifest(tiny_model, corpus, tmp_path):
     out = tmp_path / "r" / "router.safetensors"
-    about = train(model, corpus, out)
+    about = train(tiny_model, corpus, out)
     spec = load_spec(out)
     assert spec.kind == "learned" and spec.layers == about["layers"] and about["layers"][0] in (1, 2)
     assert set(about["selection"]) == {1, 2} and [h["epoch"] for h in about["history"]] == [0, 1, 2]
@@ -63,23 +55,23 @@ def test_train_router_writes_a_router_and_its_manifest(model, corpus, tmp_path):
                                  "passages_sha256": manifest["data"][0]["passages_sha256"]}]
     assert manifest["seed"] == 0 and manifest["command"].startswith("msa train-router")
     # Same data and seed: the same router.
-    train(model, corpus, tmp_path / "again.safetensors")
+    train(tiny_model, corpus, tmp_path / "again.safetensors")
     assert load_spec(tmp_path / "again.safetensors").id == spec.id
 
 
-def test_reindex_swaps_only_the_routing_keys_and_the_bank_keeps_its_router(model, corpus, tmp_path):
+def test_reindex_swaps_only_the_routing_keys_and_the_bank_keeps_its_router(tiny_model, corpus, tmp_path):
     bank_path = tmp_path / "bank"
-    ingest(Engine.open(model, bank_path, create=True), [corpus])
+    ingest(Engine.open(tiny_model, bank_path, create=True), [corpus])
     before = Bank.open(bank_path)
     docs = {d.doc_id: d.text for d in before.documents()}
     content = before.load_content(sorted(docs), before.settings["content_layers"][0])[0].clone()
     native_id = before.settings["router"]["id"]
 
     out = tmp_path / "router.safetensors"
-    train(model, corpus, out, layers=[2])
+    train(tiny_model, corpus, out, layers=[2])
     spec = load_spec(out)
-    assert reindex(model, bank_path, spec) is True
-    assert reindex(model, bank_path, spec) is False          # already there: nothing to do
+    assert reindex(tiny_model, bank_path, spec) is True
+    assert reindex(tiny_model, bank_path, spec) is False     # already there: nothing to do
 
     after = Bank.open(bank_path)
     assert {d.doc_id: d.text for d in after.documents()} == docs
@@ -90,61 +82,61 @@ def test_reindex_swaps_only_the_routing_keys_and_the_bank_keeps_its_router(model
     # The default router for a new bank is still native (no shipped learned one for this model), but this bank is
     # read with the router it holds, even once the trained file is gone.
     out.unlink()
-    engine = Engine.open(model, bank_path)
+    engine = Engine.open(tiny_model, bank_path)
     assert engine.router.spec.id == spec.id and engine.router.spec.id != native_id
     assert engine.route("Who counted birds at the glacier?", 3)
 
-    assert reindex(model, bank_path, named_router(model, "msa")) is True
-    assert Engine.open(model, bank_path).router.spec.kind == "native"
+    assert reindex(tiny_model, bank_path, mode_for(tiny_model).named_router("msa")) is True
+    assert Engine.open(tiny_model, bank_path).router.spec.kind == "native"
 
 
-def test_a_bank_whose_router_is_unknown_says_how_to_fix_it(model, corpus, tmp_path):
+def test_a_bank_whose_router_is_unknown_says_how_to_fix_it(tiny_model, corpus, tmp_path):
     bank_path = tmp_path / "bank"
-    ingest(Engine.open(model, bank_path, create=True), [corpus])
+    ingest(Engine.open(tiny_model, bank_path, create=True), [corpus])
     # Banks made before routers were stored with them: a known router (shipped, or MSA's own) is found by id.
     next(bank_path.glob("router.*")).unlink()
-    assert Engine.open(model, bank_path).route("reef", 1)
+    assert Engine.open(tiny_model, bank_path).route("reef", 1)
     out = tmp_path / "router.safetensors"
-    train(model, corpus, out, layers=[1], epochs=1)
-    reindex(model, bank_path, load_spec(out))
+    train(tiny_model, corpus, out, layers=[1], epochs=1)
+    reindex(tiny_model, bank_path, load_spec(out))
     next(bank_path.glob("router.*")).unlink()                 # e.g. copied without it
     with pytest.raises(BankMismatch, match="msa reindex --router default"):
-        Engine.open(model, bank_path)
-    assert reindex(model, bank_path, named_router(model, "default")) is True
-    assert Engine.open(model, bank_path).route("reef", 1)
+        Engine.open(tiny_model, bank_path)
+    assert reindex(tiny_model, bank_path, mode_for(tiny_model).named_router("default")) is True
+    assert Engine.open(tiny_model, bank_path).route("reef", 1)
 
 
-def test_named_router_refuses_what_is_not_a_router(model, tmp_path):
+def test_named_router_refuses_what_is_not_a_router(tiny_model, tmp_path):
     with pytest.raises(errors.MsaError, match="no router 'nope'"):
-        named_router(model, "nope")
+        mode_for(tiny_model).named_router("nope")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not safetensors")
     with pytest.raises(errors.MsaError, match="is not a router file"):
-        named_router(model, str(bad))
+        mode_for(tiny_model).named_router(str(bad))
 
 
-def test_default_routing_fuses_bm25_and_keeps_its_index_current(model, corpus, tmp_path):
+def test_default_routing_fuses_bm25_and_keeps_its_index_current(tiny_model, corpus, tmp_path):
     out = tmp_path / "router.safetensors"
-    train(model, corpus, out, layers=[1], epochs=1)
+    train(tiny_model, corpus, out, layers=[1], epochs=1)
     bank_path = tmp_path / "bank"
-    engine = Engine.open(model, bank_path, create=True, new_router=load_spec(out))
+    engine = Engine.open(tiny_model, bank_path, create=True, new_router=load_spec(out))
     ingest(engine, [corpus])
     assert len(list((bank_path / lexical.DIRECTORY).iterdir())) == 1   # saved by the writer
 
-    engine = Engine.open(model, bank_path)
+    engine = Engine.open(tiny_model, bank_path)
     fused = engine.route("volcano", 1)[0].document
     assert fused.source.endswith("volcano.txt")                         # the only document with the word
     assert len(engine.route("volcano", 10, fuse=False)) == 10            # the learned router alone ranks all
 
     forget(Bank.open(bank_path), [corpus / "volcano.txt"])
-    engine = Engine.open(model, bank_path)
+    engine = Engine.open(tiny_model, bank_path)
     assert all(not h.document.source.endswith("volcano.txt") for h in engine.route("volcano", 10))
-    index = lexical.for_bank(engine.bank)
+    index = engine.bank.lexical()
     assert index.doc_ids.tolist() == sorted(d.doc_id for d in engine.bank.documents())
 
     # An index lost (or being replaced) is rebuilt in memory by readers.
     shutil.rmtree(bank_path / lexical.DIRECTORY)
-    assert Engine.open(model, bank_path).route("orchard", 1)[0].document.source.endswith("orchard.txt")
+    assert Engine.open(tiny_model, bank_path).route("orchard", 1)[0].document.source.endswith("orchard.txt")
 
 
 def test_fused_scores_standardise_each_side():

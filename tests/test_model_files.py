@@ -15,8 +15,7 @@ from msa_cli.model.loading import converted_gguf, load_model
 from tiny import save_tiny_model
 
 
-def test_a_damaged_weights_hash_cache_is_rebuilt_not_fatal(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSA_HOME", str(tmp_path / "home"))
+def test_a_damaged_weights_hash_cache_is_rebuilt_not_fatal(tmp_path, msa_home):
     model_dir = save_tiny_model(tmp_path / "model")
     first = load_model(str(model_dir), torch.float32).identity["weights_sha256"]
     cache = tmp_path / "home" / "weights-hashes.json"
@@ -42,8 +41,7 @@ CONVERT_FOREVER = textwrap.dedent("""
 """)
 
 
-def test_a_killed_conversion_is_cleaned_up_by_the_next_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSA_HOME", str(tmp_path / "home"))
+def test_a_killed_conversion_is_cleaned_up_by_the_next_one(tmp_path, msa_home, monkeypatch):
     gguf = tmp_path / "some-model.gguf"
     gguf.write_bytes(b"GGUF not really")
     proc = subprocess.Popen([sys.executable, "-c", CONVERT_FOREVER, str(gguf)], stdout=subprocess.PIPE, text=True,

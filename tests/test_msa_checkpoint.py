@@ -5,19 +5,17 @@ its routing scores equal the formulas of digest §1.4 computed directly, and the
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from conftest import msa, msa_env
 from msa_cli.corpus.splitter import Passage
 from msa_cli.engine import Engine, reindex
 from msa_cli.errors import ModelUnavailable
-from msa_cli.memory.router import default_router, named_router
+from msa_cli.memory.mode import mode_for
 from msa_cli.model.loading import load_model
 from msa_cli.model.msa_checkpoint import read_config
 from msa_cli.qa import generative
@@ -92,9 +90,8 @@ def test_missing_router_weights_are_a_clear_error_with_exit_code_5(tmp_path):
         tmp_path / "ckpt", edit=lambda state, tok: state.pop("model.layers.3.self_attn.router_k_proj.0.weight"))
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("a fact\n")
-    env = {**os.environ, "MSA_HOME": str(tmp_path / "home"), "MSA_BANK": ""}
-    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "ingest", str(tmp_path / "docs"), "--model",
-                        str(directory), "--bank", str(tmp_path / "bank")], capture_output=True, text=True, env=env)
+    r = msa(msa_env(tmp_path / "home"), "ingest", str(tmp_path / "docs"), "--model", str(directory), "--bank",
+            str(tmp_path / "bank"))
     assert r.returncode == 5 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "router_k_proj.0.weight (router layer 3)" in r.stderr
 
@@ -133,7 +130,7 @@ def test_each_router_layer_selects_its_top_k_by_the_formula(checkpoint, model, t
     path = tmp_path / "bank"
     engine = filled_engine(model, path)
     if score == "cosine":
-        reindex(model, path, named_router(model, "cosine"))
+        reindex(model, path, mode_for(model).named_router("cosine"))
         engine = Engine.open(model, path)
     question = "When was Erik Watts' father born?"
     tok = model.tokenizer
@@ -170,7 +167,7 @@ def test_each_router_layer_selects_its_top_k_by_the_formula(checkpoint, model, t
 @pytest.mark.parametrize("method, score", [("INFONCE_DECOUPLE", "dot"), ("INFONCE", "cosine")])
 def test_the_default_routing_score_is_the_one_the_reference_infers_with(tmp_path, method, score):
     directory = save_tiny_msa_checkpoint(tmp_path / "ckpt", msa_config={"aux_loss_method": method})
-    assert default_router(load_model(str(directory))).score == score
+    assert mode_for(load_model(str(directory))).default_router().score == score
 
 
 def test_a_layer_never_selects_more_documents_than_the_bank_holds(model, tmp_path):
@@ -384,22 +381,17 @@ def test_cli_ingests_and_answers_with_an_msa_checkpoint(checkpoint, tmp_path):
     docs.mkdir()
     for i, fact in enumerate(FACTS):
         (docs / f"{i}.txt").write_text(fact + "\n")
-    env = {**os.environ, "MSA_HOME": str(tmp_path / "home"), "MSA_MODEL": str(checkpoint), "MSA_BANK": ""}
-
-    def msa(*args):
-        return subprocess.run([sys.executable, "-m", "msa_cli.cli", *args, "--bank", str(tmp_path / "bank")],
-                              capture_output=True, text=True, env=env)
-
-    r = msa("ingest", str(docs))
+    env, bank = msa_env(tmp_path / "home", checkpoint), ("--bank", str(tmp_path / "bank"))
+    r = msa(env, "ingest", str(docs), *bank)
     assert r.returncode == 0 and r.stdout == "", r.stderr
     # one summary line: transformers' warning about a model type it does not know is not shown
     assert r.stderr.startswith("ingested 5 files") and r.stderr.count("\n") == 1, r.stderr
-    r = msa("ask", "Where is Fredville?", "--json", "--max-tokens", "4", "--hops", "2")
+    r = msa(env, "ask", "Where is Fredville?", "--json", "--max-tokens", "4", "--hops", "2", *bank)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["router"]["kind"] == "msa" and out["router"]["score"] == "dot"
     assert len(out["hops"]) <= 2 and all(len(h["layers"]) == 2 for h in out["hops"])
-    r = msa("search", "Fredville", "--json")
+    r = msa(env, "search", "Fredville", "--json", *bank)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == len(FACTS)
 
 
@@ -426,12 +418,10 @@ def test_the_triton_kernels_route_and_attend_as_the_torch_references_do(model, t
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu_is_a_one_line_error(checkpoint, tmp_path):
-    env = {**os.environ, "MSA_HOME": str(tmp_path / "home"), "MSA_BANK": ""}
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("a fact\n")
-    r = subprocess.run([sys.executable, "-m", "msa_cli.cli", "ingest", str(tmp_path / "docs"), "--model",
-                        str(checkpoint), "--bank", str(tmp_path / "bank"), "--device", "cuda"],
-                       capture_output=True, text=True, env=env)
+    r = msa(msa_env(tmp_path / "home"), "ingest", str(tmp_path / "docs"), "--model", str(checkpoint), "--bank",
+            str(tmp_path / "bank"), "--device", "cuda")
     assert r.returncode == 5
     assert r.stderr.strip() == "msa: error: --device cuda: this machine has no CUDA GPU that torch can use"
     assert not (tmp_path / "bank").exists()

@@ -1,9 +1,12 @@
 """The native router's keys and queries, checked against the formulas written out directly."""
 
+import json
+
 import torch
 import torch.nn.functional as F
 
 from msa_kernels.routing import route_scores_torch
+from msa_cli.memory.mode import ROUTER_DIR
 from msa_cli.memory.router import Router, RouterSpec, load_spec, save_spec
 
 
@@ -49,3 +52,24 @@ def test_a_saved_router_loads_with_the_same_id(tmp_path):
     loaded = load_spec(tmp_path / "r.safetensors")
     assert loaded.id == s.id and loaded.heads == s.heads and loaded.granularity == 8
     assert spec(granularity=16).id != spec(granularity=8).id
+
+
+def test_a_router_file_carries_its_relevance_threshold_apart_from_its_id(tmp_path):
+    plain = spec(proj={1: (torch.randn(2, 8, 16), torch.randn(1, 8, 16))})
+    calibrated = RouterSpec(**{**plain.__dict__, "relevant": 0.25})
+    assert calibrated.id == plain.id             # the same keys: the threshold is a judgement about them
+    save_spec(calibrated, tmp_path / "r.safetensors", about={})
+    save_spec(plain, tmp_path / "p.safetensors", about={})
+    assert load_spec(tmp_path / "r.safetensors").relevant == 0.25
+    assert load_spec(tmp_path / "p.safetensors").relevant is None
+
+
+def test_the_shipped_learned_router_carries_its_calibrated_threshold():
+    """A router's threshold ships in its file (not in settings), so a retrained router cannot inherit another's:
+    every shipped learned router must carry the one benchmarks/abstention.py calibrated for it."""
+    shipped = sorted(ROUTER_DIR.glob("*-learned.safetensors"))
+    assert shipped
+    for path in shipped:
+        relevant = load_spec(path).relevant
+        assert relevant is not None and 0 < relevant < 1, f"{path.name} has no calibrated relevance threshold"
+        assert json.loads(path.with_suffix(".json").read_text())["relevant"] == relevant

@@ -1,5 +1,5 @@
-"""The learned router: its training score and loss, inverse-cloze pairs, and that the router file scores exactly
-what was trained."""
+"""The learned router: its training score, loss and negatives, inverse-cloze pairs, the passages training reads, and
+that the router file scores exactly what was trained."""
 
 import random
 
@@ -7,9 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from msa_kernels.routing import route_scores_torch
+from msa_cli.corpus import passages
 from msa_cli.memory.router import Router, chunk_means, load_spec, save_spec
-from msa_cli.memory.router_training import (Projections, Standardiser, States, decoupled_infonce, ict_pair,
-                                            learned_spec, scores)
+from msa_cli.training.pairs import Pairs, ict_pair, passages_in
+from msa_cli.training.router import (Projections, Standardiser, bm25_negatives, decoupled_infonce, learned_spec,
+                                     scores)
+from msa_cli.training.states import States
+from tiny import tiny_tokenizer
 
 
 def test_training_score_is_the_routers_score():
@@ -69,3 +73,27 @@ def test_router_file_scores_what_was_trained(tmp_path):
     query = router.query({2: router.query_input(2, q_tokens, None)})
     key_doc = torch.repeat_interleave(torch.arange(2), torch.tensor(key_counts))
     torch.testing.assert_close(route_scores_torch(query, keys, key_doc, 2), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_training_reads_a_folder_as_ingest_does_and_does_without_what_fails(tmp_path, monkeypatch):
+    for name, text in [("a.txt", "Alpha notes."), ("b.md", "Beta notes."), ("c.bin", "\0\1"), ("sub/d.txt", "Delta.")]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    real_parse = passages.parse
+
+    def parse(path, data):
+        if path.name == "b.md":
+            raise RuntimeError("a reader bug")
+        return real_parse(path, data)
+
+    monkeypatch.setattr(passages, "parse", parse)
+    assert passages_in(tmp_path, tiny_tokenizer(), 64) == ["Alpha notes.", "Delta."]
+
+
+def test_bm25_negatives_are_the_best_bm25_matches_that_are_not_positives():
+    pairs = Pairs()
+    pairs.add("banana cherry date", ["banana cherry date"], labelled=False)
+    for p in ("banana", "cherry date", "elder fig"):
+        pairs.passage(p)
+    assert bm25_negatives(pairs, depth=2) == [[2, 1]]
+    assert bm25_negatives(pairs, depth=5) == [[2, 1, 3]]

@@ -79,10 +79,8 @@ def walk(root: Path, exclude: Iterable[Path] = ()) -> Iterator[Path | Unreadable
             yield from _walk(root, rules, {(st.st_dev, st.st_ino)}, excluded)
     elif not stat.S_ISREG(st.st_mode):
         yield UnreadableFile(root, "not a file", "not a regular file (a pipe, socket or device)")
-    elif is_supported(root):
-        yield root
     else:
-        yield UnreadableFile(root, "unsupported type", f"unsupported file type '{root.suffix}'")
+        yield _document(root)
 
 
 def _walk(directory: Path, rules: list[_Rules], seen: set, excluded: frozenset) -> Iterator[Path | UnreadableFile]:
@@ -117,11 +115,14 @@ def _walk(directory: Path, rules: list[_Rules], seen: set, excluded: frozenset) 
             seen.add(key)
             yield from _walk(path, rules, seen, excluded)
         elif stat.S_ISREG(st.st_mode) and not _ignored(path, False, rules):
-            if is_supported(path):
-                yield path
-            else:
-                yield UnreadableFile(path, "unsupported type", f"unsupported file type '{path.suffix}'")
+            yield _document(path)
         # Sockets, fifos and devices inside a folder are not documents: passed over in silence.
+
+
+def _document(path: Path) -> Path | UnreadableFile:
+    """A regular file, not ignored: a document if a reader knows its type."""
+    return path if is_supported(path) else UnreadableFile(path, "unsupported type",
+                                                          f"unsupported file type '{path.suffix}'")
 
 
 def _is_environment(directory: Path) -> bool:

@@ -1,10 +1,9 @@
 """Stage 1, memory encoding: documents -> pooled content K/V and routing keys, with no logits.
 
-Many documents are packed into one forward (no padding: the linear layers run over the concatenated
-tokens). Each document is encoded alone: positions restart at 0 (document-wise RoPE) and attention never
-crosses documents, so a document's output does not depend on what it was packed with. For each content
-layer we keep the 64-token chunk means of K (after k_norm and RoPE) and of V; the router keeps its own keys
-from its own layers. The forward stops at the last layer anything is read from: no lm_head, no final MLP.
+Many documents are packed into one forward (model/packing.py: no padding, positions restart at 0 for each
+document, attention never crosses documents), so a document's output does not depend on what it was packed with.
+For each content layer we keep the 64-token chunk means of K (after k_norm and RoPE) and of V; the router keeps
+its own keys from its own layers. The walk stops at the last layer anything is read from: no lm_head, no MLP.
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ import torch
 from torch import Tensor
 
 from ..model.backbone import Backbone, causal_attention
-from .router import Router, rank_in_doc
-
-TEMPLATE_HEAD = "<|im_start|>user\n"   # MSA's template head, shared by every query (digest §1.7)
+from ..model.packing import Pack, packs
+from ..model.protocol import question_tokens
+from .router import Router
 
 
 @dataclass
@@ -31,11 +30,6 @@ class Encoded:
     first_doc_id: int | None = None             # the id the first document was encoded with, if ids are in the text
 
 
-def document_ids(tokenizer, text: str) -> list[int]:
-    """A memory document as the model reads it: its own start token (the attention sink), text, end token."""
-    return tokenizer(f"<|im_start|>{text}<|im_end|>", add_special_tokens=False).input_ids
-
-
 @torch.inference_mode()
 def encode(backbone: Backbone, docs: list[list[int]], content_layers: list[int], router: Router,
            pooling: int, out_dtype: torch.dtype, pack_tokens: int = 4096,
@@ -44,7 +38,8 @@ def encode(backbone: Backbone, docs: list[list[int]], content_layers: list[int],
     called after each pack (for progress)."""
     parts = []
     for pack in packs([len(d) for d in docs], pack_tokens):
-        parts.append(encode_pack(backbone, [docs[i] for i in pack], content_layers, router, pooling, out_dtype))
+        parts.append(encode_pack(backbone, Pack.of([docs[i] for i in pack]), content_layers, router, pooling,
+                                 out_dtype))
         if on_pack:
             on_pack(sum(len(docs[i]) for i in pack))
     if not parts:
@@ -58,64 +53,27 @@ def encode(backbone: Backbone, docs: list[list[int]], content_layers: list[int],
     )
 
 
-def packs(lengths: list[int], pack_tokens: int) -> list[list[int]]:
-    """Consecutive documents grouped so each forward holds at most pack_tokens (a longer document goes alone)."""
-    out, current, size = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and size + n > pack_tokens:
-            out.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += n
-    if current:
-        out.append(current)
-    return out
+def encode_pack(backbone: Backbone, pack: Pack, content_layers: list[int], router: Router, pooling: int,
+                out_dtype: torch.dtype) -> Encoded:
+    route_layers, content_set = set(router.spec.layers), set(content_layers)
+    k_pre: dict[int, Tensor] = {}                      # routing layer -> its key_input (T, H, d)
+    content: dict[int, tuple[Tensor, Tensor]] = {}     # content layer -> k after RoPE, v (T, Hk, d)
 
-
-def encode_pack(backbone: Backbone, docs: list[list[int]], content_layers: list[int], router: Router,
-                pooling: int, out_dtype: torch.dtype) -> Encoded:
-    lengths = torch.tensor([len(d) for d in docs])
-    ids = torch.tensor([t for d in docs for t in d])
-    token_doc = torch.repeat_interleave(torch.arange(len(docs)), lengths)   # [T]
-    positions = rank_in_doc(token_doc)                                      # document-wise RoPE
-    bounds = torch.cumsum(lengths, 0).tolist()
-    route_layers = set(router.spec.layers)
-    content_set = set(content_layers)
-    last = max(content_set | route_layers)
-
-    k_pre: dict[int, Tensor] = {}
-    content: dict[int, tuple[Tensor, Tensor]] = {}
-    h = backbone.embed_tokens(ids)
-    for i in range(last + 1):
-        q, k, v = backbone.qkv(i, h)
+    def read(i: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> None:
         if i in route_layers:
-            k_pre[i] = router.key_input(i, backbone.attn_input(i, h), k)
-        k = backbone.rope(k, positions)
+            k_pre[i] = router.key_input(i, x, k)
         if i in content_set:
-            content[i] = (k, v)
-        if i == last:
-            break  # nothing after this layer's K/V is read
-        q = backbone.rope(q, positions)
-        h = backbone.finish_layer(i, h, per_document_attention(q, k, v, bounds))
+            content[i] = (backbone.rope(k, pack.positions), v)
 
-    chunk_counts = ((lengths + pooling - 1) // pooling).tolist()
-    chunk_of_token = chunk_index(token_doc, positions, chunk_counts, pooling)
+    backbone.forward(pack.ids, pack.positions, pack.attend, read=read, last=max(content_set | route_layers))
+    chunk_counts = ((pack.lengths + pooling - 1) // pooling).tolist()
+    chunk_of_token = chunk_index(pack.token_doc, pack.positions, chunk_counts, pooling)
     # The bank is on the CPU: so are the outputs, whatever device computed them.
     pooled = {layer: (mean_by(k, chunk_of_token, sum(chunk_counts)).to("cpu", out_dtype),
                       mean_by(v, chunk_of_token, sum(chunk_counts)).to("cpu", out_dtype))
               for layer, (k, v) in content.items()}
-    keys, key_counts = router.keys(k_pre, token_doc, len(docs))
+    keys, key_counts = router.keys(k_pre, pack.token_doc, len(pack.lengths))
     return Encoded(pooled, chunk_counts, keys.to("cpu", out_dtype), key_counts)
-
-
-def per_document_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[int]) -> Tensor:
-    """Causal attention inside each document of a pack: q [T, Hq, d], k/v [T, Hk, d] -> [T, Hq, d]."""
-    out = torch.empty_like(q)
-    start = 0
-    for end in bounds:
-        out[start:end] = causal_attention(q[start:end], k[start:end], v[start:end])
-        start = end
-    return out
 
 
 def chunk_index(token_doc: Tensor, positions: Tensor, chunk_counts: list[int], pooling: int) -> Tensor:
@@ -136,16 +94,16 @@ def mean_by(x: Tensor, group: Tensor, n_groups: int) -> Tensor:
 
 @torch.inference_mode()
 def template_kv(backbone: Backbone, tokenizer, out_dtype: torch.dtype) -> dict[int, tuple[Tensor, Tensor]]:
-    """K/V of the template head for every layer (positions 0..n-1), prepended to every question's context."""
-    ids = torch.tensor(tokenizer(TEMPLATE_HEAD, add_special_tokens=False).input_ids)
-    positions = torch.arange(ids.shape[0])
+    """K/V (after RoPE) of the template head for every layer (positions 0..n-1), prepended to every question's
+    context."""
+    head, _ = question_tokens(tokenizer, "")
     out = {}
-    h = backbone.embed_tokens(ids)
-    for i in range(backbone.cfg.n_layers):
-        q, k, v = backbone.qkv(i, h)
-        q, k = backbone.rope(q, positions), backbone.rope(k, positions)
+
+    def attend(i: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out[i] = (k.to("cpu", out_dtype).contiguous(), v.to("cpu", out_dtype).contiguous())
-        h = backbone.finish_layer(i, h, per_document_attention(q, k, v, [ids.shape[0]]))
+        return causal_attention(q, k, v)
+
+    backbone.forward(torch.tensor(head), torch.arange(len(head)), attend)
     return out
 
 
@@ -154,18 +112,14 @@ def routing_query(backbone: Backbone, tokenizer, router: Router, text: str) -> T
     """Routing vectors of a question: the template head then the text, run up to the router's last layer;
     only the text's tokens route (the template is shared by every question, so it carries no signal).
     Returns [T, Hr * G, d] as `Router.query` makes them."""
-    head = tokenizer(TEMPLATE_HEAD, add_special_tokens=False).input_ids
-    body = tokenizer(text, add_special_tokens=False).input_ids
-    ids = torch.tensor(head + body)
-    positions = torch.arange(ids.shape[0])
-    layers = set(router.spec.layers)
+    head, body = question_tokens(tokenizer, text)
+    layers, n = set(router.spec.layers), len(head)
     q_pre: dict[int, Tensor] = {}
-    h = backbone.embed_tokens(ids)
-    for i in range(max(layers) + 1):
-        q, k, v = backbone.qkv(i, h)
+
+    def read(i: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> None:
         if i in layers:
-            q_pre[i] = router.query_input(i, backbone.attn_input(i, h)[len(head):], q[len(head):])
-        if i == max(layers):
-            break
-        h = backbone.finish_layer(i, h, causal_attention(backbone.rope(q, positions), backbone.rope(k, positions), v))
+            q_pre[i] = router.query_input(i, x[n:], q[n:])
+
+    backbone.forward(torch.tensor(head + body), torch.arange(n + len(body)),
+                     lambda i, x, q, k, v: causal_attention(q, k, v), read=read, last=max(layers))
     return router.query(q_pre)

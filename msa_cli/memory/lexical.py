@@ -1,11 +1,11 @@
-"""BM25 over a bank's documents: the lexical half of the default router's fusion (engine.route).
+"""BM25 over documents' text: the lexical half of the default router's fusion (engine.route).
 
-bm25s (a maintained BM25 library) over each document's stored text, as lowercase words without English stop
-words. The index is saved inside the bank (lexical/<key>, key = a hash of the live document ids), so it is
-rebuilt only after the bank changes: writers build it when they finish (ingest, forget), and a reader that
-finds none for its snapshot builds its own in memory. It is a cache: a saved index is used only if every file
-is what its writer recorded in files.json (size and sha256), else readers build their own and the next writer
-replaces it.
+bm25s (a maintained BM25 library) over each document's text, as lowercase words without English stop words.
+This module knows indexes, not banks: it builds one from texts and ids, and saves, loads and checks one in a
+directory. The bank owns its index (Bank.lexical, and the refresh its writers do when they release the lock):
+saved in the bank under lexical/<key>, key = a hash of the indexed ids, so it is rebuilt only after the bank
+changes. It is a cache: a saved index is used only if every file is what its writer recorded in files.json
+(size and sha256), else readers build their own and the next writer replaces it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import torch
 from torch import Tensor
 
 from ..faults import crash_point
-from .bank import Bank
-from .check import Damaged, file_record, json_object
+from .format import Damaged, file_record, json_object
 
-DIRECTORY = "lexical"
+DIRECTORY = "lexical"      # in the bank
 FILES = "files.json"       # name -> {size, sha256} of every other file of a saved index, written last
 
 
@@ -67,34 +66,30 @@ def tokenize(texts: list[str], ids: bool = True):
     return bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=ids)
 
 
-def _live_ids(bank: Bank) -> list[int]:
-    return sorted(d.doc_id for d in bank.documents())
+def _key(doc_ids: list[int]) -> str:
+    return hashlib.sha256(np.array(doc_ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def _key(ids: list[int]) -> str:
-    return hashlib.sha256(np.array(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def for_bank(bank: Bank) -> LexicalIndex:
-    """The bank's saved index for its current documents, else one built in memory."""
-    ids = _live_ids(bank)
+def saved(root: Path, doc_ids: list[int]) -> LexicalIndex | None:
+    """The index saved under `root` for exactly the documents `doc_ids` (ascending), or None if there is none
+    or it is not what its writer saved."""
     try:
-        return _load(bank.path / DIRECTORY / _key(ids), ids)
+        return _load(root / _key(doc_ids), doc_ids)
     except Exception:   # none saved, damaged, or replaced by a writer while we read: a cache, so build our own
-        return _build(bank)
+        return None
 
 
-def _load(path: Path, ids: list[int]) -> LexicalIndex:
-    """The index saved at `path`, if it is exactly what a writer saved for the documents `ids`; raises otherwise
-    (Damaged naming the file, or whatever reading it raised)."""
+def _load(path: Path, doc_ids: list[int]) -> LexicalIndex:
+    """The index saved at `path`, if it is exactly what a writer saved for the documents `doc_ids`; raises
+    otherwise (Damaged naming the file, or whatever reading it raised)."""
     import bm25s
 
     _check_files(path)
-    doc_ids = np.load(path / "doc_ids.npy", allow_pickle=False)
-    if doc_ids.tolist() != ids:
+    ids = np.load(path / "doc_ids.npy", allow_pickle=False)
+    if ids.tolist() != doc_ids:
         raise Damaged(path / "doc_ids.npy", "indexes other documents than the bank's live ones")
     logging.getLogger("bm25s").setLevel(logging.ERROR)
-    return LexicalIndex(bm25s.BM25.load(path, show_progress=False), torch.from_numpy(doc_ids))
+    return LexicalIndex(bm25s.BM25.load(path, show_progress=False), torch.from_numpy(ids))
 
 
 def _check_files(path: Path) -> None:
@@ -108,29 +103,11 @@ def _check_files(path: Path) -> None:
             raise Damaged(path / name, f"size or sha256 differs from what its writer recorded in {FILES}")
 
 
-def _build(bank: Bank) -> LexicalIndex:
-    docs = sorted(bank.documents(), key=lambda d: d.doc_id)
-    return LexicalIndex.build([d.text for d in docs], [d.doc_id for d in docs])
-
-
-def save_for_bank(bank: Bank) -> None:
-    """Build and save the index of the bank's current documents unless a sound one is saved already, and remove
-    older ones. The caller holds the bank's lock (and has committed)."""
-    root = bank.path / DIRECTORY
-    ids = _live_ids(bank)
-    key = _key(ids)
-    try:
-        _load(root / key, ids)
-    except Exception:   # none, or damaged: (re)build it
-        _save(_build(bank), root, key)
-    for old in root.iterdir():
-        if old.name != key:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _save(index: LexicalIndex, root: Path, key: str) -> None:
-    """Write the index into a temporary directory and rename it into place: a reader sees all of it or none.
-    No fsync: after a power loss a damaged index fails its hashes, and is rebuilt like any other."""
+def save(root: Path, index: LexicalIndex) -> None:
+    """Write the index under `root` into a temporary directory and rename it into place: a reader sees all of it
+    or none. The caller holds the bank's lock. No fsync: after a power loss a damaged index fails its hashes,
+    and is rebuilt like any other."""
+    key = _key(index.doc_ids.tolist())
     tmp = root / f".{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -144,15 +121,23 @@ def _save(index: LexicalIndex, root: Path, key: str) -> None:
     crash_point("lexical:renamed")
 
 
-def check_saved(bank_path: Path, ids: list[int]) -> tuple[list[str], list[str]]:
-    """For `msa check`: (problems, notes) of the saved indexes of a bank whose live documents are `ids`."""
-    root = bank_path / DIRECTORY
+def remove_others(root: Path, doc_ids: list[int]) -> None:
+    """Delete every saved index under `root` but the one of `doc_ids`. The caller holds the bank's lock."""
+    key = _key(doc_ids)
+    for old in root.iterdir() if root.is_dir() else []:
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_saved(root: Path, doc_ids: list[int]) -> tuple[list[str], list[str]]:
+    """For `msa check`: (problems, notes) of the indexes saved under `root` (a bank's lexical directory), whose
+    live documents are `doc_ids`. Files are named relative to the bank."""
     if not root.is_dir():
         return [], []
-    key = _key(ids)
+    key = _key(doc_ids)
     problems, notes = [], []
     for path in sorted(root.iterdir()):
-        name = f"{DIRECTORY}/{path.name}"
+        name = f"{root.name}/{path.name}"
         if path.name != key:
             notes.append(f"{name}: not the index of the current documents (the next writer removes it)")
         elif not (path / FILES).is_file():
@@ -160,9 +145,9 @@ def check_saved(bank_path: Path, ids: list[int]) -> tuple[list[str], list[str]]:
                          f"until the next writer replaces it")
         else:
             try:
-                _load(path, ids)
+                _load(path, doc_ids)
             except Damaged as e:
-                problems.append(f"{e.where(bank_path)}; readers build their own index, the next writer replaces it")
+                problems.append(f"{e.where(root.parent)}; readers build their own index, the next writer replaces it")
             except Exception as e:   # whatever else reading it raised: the cache is unusable
                 problems.append(f"{name}: unusable ({type(e).__name__}: {e}); readers build their own index, "
                                 f"the next writer replaces it")

@@ -8,7 +8,7 @@ A router turns each routing layer's token states into unit vectors in a few head
   gives its keys. Optional centring subtracts a mean key and a mean query estimated on reference text: a few
   shared directions otherwise make a handful of "hub" passages win every question.
 - "learned" is MSA's router (digest §1.4, §5): per routing layer, `router_q_proj` / `router_k_proj` map the
-  layer's normalised input [T, D] to Hr heads of size d; trained by `msa train-router` (router_training.py).
+  layer's normalised input [T, D] to Hr heads of size d; trained by `msa train-router` (training/router.py).
 
 - "msa" is an MSA checkpoint's own router (model/msa_checkpoint.py): its `router_q_proj` / `router_k_proj` in
   every router layer, with Hq query heads over Hk key heads (GQA). Each layer routes on its own (digest §1.5),
@@ -31,16 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from msa_kernels.routing import route_scores
 
-from ..errors import USAGE, MsaError
-
-ROUTER_DIR = Path(__file__).resolve().parent.parent / "data"   # routers shipped in the package: <weights>-<kind>
-
+from ..model.packing import rank_in_doc
 
 @dataclass(frozen=True)
 class RouterSpec:
@@ -55,6 +52,10 @@ class RouterSpec:
     # Centring vectors (fp32): mean_key [Hr, d] per key head (in `key_heads` order), mean_query [len(heads), d].
     mean_key: Tensor | None = field(default=None, compare=False)
     mean_query: Tensor | None = field(default=None, compare=False)
+    # The router score at or above which a document counts as relevant (qa.interleave.Relevance), calibrated for
+    # this router on train questions (benchmarks/abstention.py); None: not calibrated, BM25 alone decides. It
+    # travels in the router's file (and the bank's copy of it), so a new router never inherits another's.
+    relevant: float | None = field(default=None, compare=False)
 
     @property
     def key_heads(self) -> list[tuple[int, int]]:
@@ -102,65 +103,13 @@ def msa_default_spec(n_layers: int, n_heads: int, n_kv_heads: int) -> RouterSpec
                       group=n_heads // n_kv_heads)
 
 
-def checkpoint_spec(model, score: str | None = None) -> RouterSpec:
-    """An MSA checkpoint's router: every query head of every router layer, keys in the content's chunks; scored
-    as the reference's inference scores that checkpoint unless `score` says otherwise."""
-    msa, cfg = model.msa, model.backbone.cfg
-    score = score or msa.routing_score
-    return RouterSpec(heads=tuple((layer, h) for layer in msa.router_layers for h in range(cfg.n_heads)),
-                      group=cfg.n_heads // cfg.n_kv_heads, granularity=msa.pooling, kind="msa",
-                      proj=msa.router_proj, score=score, checkpoint=model.identity["weights_sha256"])
-
-
-def shipped_routers(model) -> dict[str, Path]:
-    """The routers shipped for this model's weights, by kind ("learned", "native")."""
-    prefix = model.identity["weights_sha256"][:16]
-    return {p.stem.removeprefix(prefix + "-"): p for p in sorted(ROUTER_DIR.glob(f"{prefix}-*.safetensors"))}
-
-
-def default_router(model) -> RouterSpec:
-    """An MSA checkpoint's own router (scoring as the reference's inference does); for other models the best router
-    measured (BENCHMARKS.md): the shipped learned one, else the shipped native one, else MSA's default."""
-    if model.msa:
-        return checkpoint_spec(model)
-    shipped = shipped_routers(model)
-    for kind in ("learned", "native"):
-        if kind in shipped:
-            return load_spec(shipped[kind])
-    cfg = model.backbone.cfg
-    return msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
-
-
-def named_router(model, name: str) -> RouterSpec:
-    """A router by name: 'default', a shipped kind ('learned', 'native'), 'msa' (MSA's own native choice) or a
-    router file (from `msa train-router`); for an MSA checkpoint, 'dot' or 'cosine' (its router, scored so)."""
-    cfg = model.backbone.cfg
-    shipped = shipped_routers(model)
-    if name == "default":
-        return default_router(model)
-    if model.msa and name in ("dot", "cosine"):
-        return checkpoint_spec(model, name)
-    if name == "msa":
-        return msa_default_spec(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
-    if name in shipped:
-        return load_spec(shipped[name])
-    path = Path(name)
-    if not path.is_file():
-        raise MsaError(f"no router {name!r}: give a router file, 'default', 'msa' or one of the shipped kinds "
-                       f"({', '.join(shipped) or 'none for this model'})", USAGE)
-    try:
-        spec = load_spec(path)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise MsaError(f"{path} is not a router file: {e}", USAGE) from None
-    if spec.layers and max(spec.layers) >= cfg.n_layers or any(
-            q.shape[-1] != cfg.hidden for q, _ in (spec.proj or {}).values()):
-        raise MsaError(f"{path} was trained for another model (layers {spec.layers})", USAGE)
-    return spec
-
-
 def router_file_contents(spec: RouterSpec, about: dict) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A router file's tensors and metadata: the spec, and how the router was made (`about`)."""
-    return spec.tensors(), {"spec": json.dumps(spec.describe(with_id=False)), "about": json.dumps(about)}
+    """A router file's tensors and metadata: the spec, its relevance threshold if calibrated, and how the router
+    was made (`about`)."""
+    meta = {"spec": json.dumps(spec.describe(with_id=False)), "about": json.dumps(about)}
+    if spec.relevant is not None:
+        meta["relevant"] = json.dumps(spec.relevant)
+    return spec.tensors(), meta
 
 
 def save_spec(spec: RouterSpec, path: Path, about: dict) -> None:
@@ -170,14 +119,16 @@ def save_spec(spec: RouterSpec, path: Path, about: dict) -> None:
 
 def load_spec(path: Path) -> RouterSpec:
     with safe_open(path, framework="pt") as f:
-        d = json.loads(f.metadata()["spec"])
+        meta = f.metadata()
+        d = json.loads(meta["spec"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     proj = {int(name.split(".")[1]): (tensors[name], tensors[name.replace("q_proj", "k_proj")])
             for name in tensors if name.startswith("q_proj.")}
     return RouterSpec(heads=tuple(tuple(p) for p in d["heads"]), group=d["group"], granularity=d["granularity"],
                       kind=d["kind"], proj=proj or None, score=d.get("score", "cosine"),
                       checkpoint=d.get("checkpoint", ""),
-                      mean_key=tensors.get("mean_key"), mean_query=tensors.get("mean_query"))
+                      mean_key=tensors.get("mean_key"), mean_query=tensors.get("mean_query"),
+                      relevant=json.loads(meta["relevant"]) if "relevant" in meta else None)
 
 
 def read_about(path: Path) -> dict:
@@ -295,11 +246,3 @@ def chunk_means(x: Tensor, token_doc: Tensor, n_docs: int, g: int,
     n = torch.zeros(total, device=x.device).index_add_(0, key_of_token,
                                                         torch.ones(key_of_token.shape[0], device=x.device))
     return sums / n.view(-1, *([1] * (x.dim() - 1))), counts.tolist()
-
-
-def rank_in_doc(token_doc: Tensor) -> Tensor:
-    """Each token's index inside its document, for packed, contiguous documents."""
-    starts = torch.ones_like(token_doc, dtype=torch.bool)
-    starts[1:] = token_doc[1:] != token_doc[:-1]
-    start_pos = torch.cummax(torch.where(starts, torch.arange(len(token_doc)), 0), 0).values
-    return torch.arange(len(token_doc)) - start_pos

@@ -2,15 +2,16 @@
 
 We do not call the transformers model at run time: MSA needs control over positions (document-wise RoPE),
 attention masks (documents never see each other) and what each layer keeps (pooled K/V, routing keys).
-The pieces below are the decoder split at the points MSA needs; `memory/encoder.py` (stage 1) and
-`qa/generate.py` (stage 3) compose them. `logits()` composes them the ordinary way and is what the tests
-compare with transformers.
+`Backbone.forward` is the one layer walk every stage runs (stage 1 in memory/encoder.py, routing queries, the
+decoder of model/decode.py, router training): what differs between them, the attention and what is read of each
+layer, are its arguments. `logits()` is the ordinary forward, what the tests compare with transformers.
 
 Shapes: T tokens, Hq query heads, Hk key/value heads, d head_dim, D hidden size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+
+# A layer's attention given its normalised input x [T, D] and q [T, Hq, d], k, v [T, Hk, d] (q, k after RoPE).
+Attend = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
+# What a stage keeps of a layer: its x [T, D] and q, k, v before RoPE.
+Read = Callable[[int, Tensor, Tensor, Tensor, Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -131,10 +137,11 @@ class Backbone:
         """hidden [T, D] -> what layer i's attention projections read (after its input RMSNorm) [T, D]."""
         return rms_norm(h, self.layers[i].ln_attn, self.cfg.rms_eps)
 
-    def qkv(self, i: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """hidden [T, D] -> q [T, Hq, d], k [T, Hk, d], v [T, Hk, d]: after q_norm/k_norm, before RoPE."""
+    def qkv(self, i: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, D], layer i's normalised input (attn_input) -> q [T, Hq, d], k [T, Hk, d], v [T, Hk, d]: after
+        q_norm/k_norm, before RoPE."""
         cfg, layer = self.cfg, self.layers[i]
-        qkv = F.linear(self.attn_input(i, h), layer.w_qkv, layer.b_qkv)
+        qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
         hq, hk, d = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim
         q = qkv[:, :hq].view(-1, cfg.n_heads, d)
         k = qkv[:, hq:hq + hk].view(-1, cfg.n_kv_heads, d)
@@ -165,16 +172,35 @@ class Backbone:
         """hidden [T, D] -> logits [T, vocab]"""
         return F.linear(rms_norm(h, self.norm, self.cfg.rms_eps), self.lm_head)
 
-    # --- the ordinary forward (what transformers computes) ----------------------------------------------
+    # --- the layer walk every stage runs --------------------------------------------------------------------
+
+    def forward(self, ids: Tensor, positions: Tensor, attend: Attend, *, read: Read | None = None,
+                last: int | None = None) -> Tensor | None:
+        """The decoder over ids [T] at RoPE positions [T] -> the final hidden states [T, D] (no head).
+
+        What differs between stages is explicit:
+        - attend(i, x, q, k, v) -> [T, Hq, d]: layer i's attention, given q, k after RoPE (causal, per document,
+          over a KV cache, over memory);
+        - read(i, x, q, k, v): sees each layer's normalised input x [T, D] and its q, k, v before RoPE (what
+          routers and stage 1 keep);
+        - last: the last layer anything is read from; the walk stops after reading it (no attention, no MLP)
+          and returns None."""
+        h = self.embed_tokens(ids)                                  # (T, D)
+        for i in range(self.cfg.n_layers if last is None else last + 1):
+            x = self.attn_input(i, h)                               # (T, D)
+            q, k, v = self.qkv(i, x)                                # (T, Hq, d), (T, Hk, d), (T, Hk, d)
+            if read is not None:
+                read(i, x, q, k, v)
+            if i == last:
+                return None
+            q, k = self.rope(q, positions), self.rope(k, positions)
+            h = self.finish_layer(i, h, attend(i, x, q, k, v))
+        return h
 
     def logits(self, ids: Tensor) -> Tensor:
-        """Plain causal forward over one sequence ids [T] at positions 0..T-1 -> logits [T, vocab] (fp32)."""
-        positions = torch.arange(ids.shape[0])
-        h = self.embed_tokens(ids)
-        for i in range(self.cfg.n_layers):
-            q, k, v = self.qkv(i, h)
-            q, k = self.rope(q, positions), self.rope(k, positions)
-            h = self.finish_layer(i, h, causal_attention(q, k, v))
+        """Plain causal forward over one sequence ids [T] at positions 0..T-1 -> logits [T, vocab] (fp32): what
+        transformers computes, and what the tests compare with it."""
+        h = self.forward(ids, torch.arange(ids.shape[0]), lambda i, x, q, k, v: causal_attention(q, k, v))
         return self.head(h).float()
 
 

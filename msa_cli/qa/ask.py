@@ -59,7 +59,7 @@ def ask(engine: Engine, question: str, opts: Options, on_token: Callable[[int], 
     question = question.strip()
     if not question:
         raise MsaError("the question is empty", USAGE)
-    if engine.model.msa:   # an MSA checkpoint retrieves by itself, naming documents (qa/generative.py)
+    if engine.mode.generative:   # an MSA checkpoint retrieves by itself, naming documents (qa/generative.py)
         text, retrieval, tokens, seconds = ask_generative(engine, question, opts.hops, opts.max_tokens, on_token)
         return Answer(question, text, retrieval, read=len(retrieval.hits), tokens=tokens,
                       timings={"total_ms": ms(seconds)})
@@ -105,8 +105,8 @@ def reading_budget(opts: Options) -> int:
 
 
 def relevance(engine: Engine) -> Relevance:
-    """The relevance test for the engine's router, with its calibrated threshold when it has one."""
-    return Relevance(settings.RELEVANT_BM25, settings.RELEVANT_ROUTER.get(engine.router.spec.id))
+    """The relevance test for the engine's router, with the threshold calibrated for it when it has one."""
+    return Relevance(settings.RELEVANT_BM25, engine.router.spec.relevant)
 
 
 def fitted_prompt(tokenizer, question: str, retrieval: Retrieval, budget: int) -> tuple[list[int], int]:

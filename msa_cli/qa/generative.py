@@ -21,7 +21,7 @@ Where the reference implementation is fragile (digest §7), this does what the p
 - rounds are capped (`hops`; B9): at the cap the question is restated and the model must answer;
 - a reply cut at 1000 characters is answered after the restated question (the reference feeds `<|im_end|>`, the
   fallback of its empty injection);
-- a block fed after decoding (the restatement) attends causally within itself (B6: qa.generate.local_attention);
+- a block fed after decoding (the restatement) attends causally within itself (B6: model.decode.local_attention);
 - a layer selects at most as many documents as are live, so no padding slot is ever read (B8: Engine.select);
 - each piece of the transcript is tokenized on its own, so which tokens route is exact (B10); pieces are cut only
   where the tokenizer cuts anyway (at special tokens, and before the "\n" after "...the question", which Qwen's
@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..engine import Engine, Hit, stop_ids
-from .generate import Decoder, KVCache
+from ..engine import Engine, stop_ids
+from ..memory.search import Hit
+from ..model.decode import Decoder, KVCache
 from .interleave import Hop, Retrieval
 
 INSTRUCTION = "\nPlease answer the question based on the above historical document information\n\n"
@@ -68,17 +69,16 @@ class RoutedMemory:
 
     def __init__(self, engine: Engine, route_mask: Tensor, top_k: int):
         self.engine, self.route_mask, self.top_k = engine, route_mask, top_k
-        self.layers = set(engine.bank.settings["content_layers"])
+        self.layers = set(engine.mode.content_layers)
         self.selected: dict[int, list[int]] = {}      # layer -> doc ids, best first
         self.scores: dict[int, list[float]] = {}
         self._kv: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def layer(self, i: int, h: Tensor) -> tuple[Tensor, Tensor] | None:
+    def layer(self, i: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
         if i not in self.layers:
             return None
-        if i not in self._kv:   # the prefill: h holds exactly the transcript's tokens
-            x = self.engine.model.backbone.attn_input(i, h[self.route_mask.to(h.device)])
-            ids, scores, k, v = self.engine.select(i, x, self.top_k)
+        if i not in self._kv:   # the prefill: x holds exactly the transcript's tokens
+            ids, scores, k, v = self.engine.select(i, x[self.route_mask.to(x.device)], self.top_k)
             self.selected[i], self.scores[i], self._kv[i] = ids, scores, (k, v)
         return self._kv[i]
 
@@ -139,7 +139,6 @@ def ask_generative(engine: Engine, question: str, max_rounds: int, max_tokens: i
         return tok(text, add_special_tokens=False).input_ids
 
     ref_end = tok.convert_tokens_to_ids(REF_END)
-    by_id = {d.doc_id: d for d in engine.bank.documents()}
     # The "\n" that ends the user content routes in round 1 only, hence a piece of its own.
     user, newline = Piece(ids(INSTRUCTION + question + RETURN_DOCUMENTS[:-1]), True), Piece(ids("\n"), True)
     pieces = [user, newline, Piece(ids(TEMPLATE_TAIL), False), Piece(ids(RESPONSE_HEAD), False)]
@@ -170,14 +169,15 @@ def ask_generative(engine: Engine, question: str, max_rounds: int, max_tokens: i
             for t in reply if stream else ():
                 stream(t)
             break
-        named = [i for i in sorted({int(m) for m in DOC_ID.findall(text)}) if i in by_id]   # unknown: dropped
+        # ids memory does not have are dropped
+        named = [i for i in sorted({int(m) for m in DOC_ID.findall(text)}) if engine.bank.has_document(i)]
         new = [i for i in named if i not in read]   # a source is counted once, in the round that first read it
         shares = [_layer_share(routed, i) for i in new]
         retrieval.hops[-1].selected, retrieval.hops[-1].scores = new, shares
-        retrieval.hits += [Hit(by_id[i], share, _best_score(routed, i)) for i, share in zip(new, shares)]
+        retrieval.hits += [Hit(engine.bank.document(i), share, _best_score(routed, i)) for i, share in zip(new, shares)]
         retrieval.hop_of += [hop] * len(new)
         read |= set(new)
-        block = "".join(f"[{i}]. {by_id[i].text}\n" for i in named)
+        block = "".join(f"[{i}]. {engine.bank.document(i).text}\n" for i in named)
         # the reference routes the text after the last "]<|object_ref_end|>[" (up to its <|object_ref_end|>)
         routes = bool(block) and text.endswith("]" + REF_END)
         newline.routes = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..engine import Hit
+from ..memory.search import Hit
 
 READ_BACK = 1   # documents of the previous hop whose text a later hop routes on
 

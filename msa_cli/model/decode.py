@@ -8,8 +8,8 @@ Two ways to give the model what the router selected:
   query's positions start at 3 + k (digest §2).
 - routed memory (an MSA checkpoint, qa/generative.py): as pooled memory, but each router layer picks its own
   documents when the prefill reaches it, from its own routing query (digest §1.5, §3.2).
-All run through `Decoder.forward`, one layer loop; the memory, when there is one, is only an extra prefix
-in the content layers' attention.
+All run through `Backbone.forward`, the model's one layer walk: the memory, when there is one, is only an extra
+prefix in the content layers' attention.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from msa_kernels.memory_attention import memory_attention
 
-from ..model.backbone import Backbone
+from .backbone import Backbone
 
 
 @dataclass
@@ -57,8 +57,9 @@ class Memory:
     """Pooled K/V of the selected documents for each content layer: layer -> (k [S, Hk, d], v [S, Hk, d])."""
     kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
-    def layer(self, i: int, h: Tensor) -> tuple[Tensor, Tensor] | None:
-        """What layer i attends to besides the local tokens (h: its input, unused: the selection is fixed)."""
+    def layer(self, i: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """What layer i attends to besides the local tokens (x: its normalised input, unused: the selection is
+        fixed)."""
         return self.kv.get(i)
 
 
@@ -69,22 +70,18 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, ids: Tensor, positions: Tensor, cache: KVCache, memory: Memory | None = None) -> Tensor:
         """Run ids [T] at positions [T] after what the cache holds; extend the cache -> last logits [vocab]."""
-        b = self.backbone
-        h = b.embed_tokens(ids)
-        for i in range(b.cfg.n_layers):
-            q, k, v = b.qkv(i, h)
-            q, k = b.rope(q, positions), b.rope(k, positions)
-            k_all, v_all = cache.append(i, k, v)
-            selected = memory.layer(i, h) if memory is not None else None
-            if selected is not None:
-                k_mem, v_mem = selected
-                index = torch.arange(k_mem.shape[0], device=k_mem.device)
-                attn = memory_attention(q, k_all, v_all, k_mem.to(q.dtype), v_mem.to(q.dtype), index)
-            else:
-                attn = local_attention(q, k_all, v_all)
-            h = b.finish_layer(i, h, attn)
+        def attend(i: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            k_all, v_all = cache.append(i, k, v)                       # (Tl, Hk, d): the cache and the new tokens
+            selected = memory.layer(i, x) if memory is not None else None
+            if selected is None:
+                return local_attention(q, k_all, v_all)
+            k_mem, v_mem = selected                                     # (S, Hk, d): pooled memory chunks
+            index = torch.arange(k_mem.shape[0], device=k_mem.device)
+            return memory_attention(q, k_all, v_all, k_mem.to(q.dtype), v_mem.to(q.dtype), index)
+
+        h = self.backbone.forward(ids, positions, attend)
         cache.length += ids.shape[0]
-        return b.head(h[-1:])[0].float()
+        return self.backbone.head(h[-1:])[0].float()
 
     def generate(self, prompt: list[int], *, cache: KVCache, start_position: int, max_new_tokens: int,
                  stop_ids: Iterable[int], memory: Memory | None = None,

@@ -1,12 +1,14 @@
 """Calibrate a native router for a model: pick the routing heads and granularity, estimate the centring vectors.
 
-    python -m msa_cli.memory.calibrate [--questions 1000] [--out PATH]
+    python -m msa_cli.training.calibrate --nq PATH [--questions 800] [--out PATH]
 
-Uses the train split only (NQ-Open questions 1..1500 of ../shared/eval, each with its gold passage; see
-SOURCES.md): the first half of the questions selects, the second half validates. For every (layer, query
-head): centre keys and queries (means over the selection passages' and questions' tokens) and score it alone
-(recall@5); for each granularity the best heads are combined greedily (scores averaged over heads, as the
-router does) within the hot-tier budget, and the combination with the best validation recall@5 is written as the model's shipped router (`router.default_router` looks it up by weights hash).
+PATH is the raw NQ-Open oracle file (gzipped JSON lines: a question and its contexts, the gold one marked
+`isgold`), raw/nq-open-oracle.first2000.jsonl.gz of the shared eval data (see its SOURCES.md). Only its train split
+is read, the first 1500 questions, each with its gold passage: the first half of the questions used selects, the
+second half validates. For every (layer, query head): centre keys and queries (means over the selection passages'
+and questions' tokens) and score it alone (recall@5); for each granularity the best heads are combined greedily
+(scores averaged over heads, as the router does) within the hot-tier budget, and the combination with the best
+validation recall@5 is written as the model's shipped router (memory/mode.py finds it by the weights' hash).
 """
 
 from __future__ import annotations
@@ -22,21 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..memory.mode import ROUTER_DIR
+from ..memory.router import RouterSpec, chunk_means, save_spec
 from ..model.backbone import Backbone, causal_attention
 from ..model.loading import load_model
-from .encoder import TEMPLATE_HEAD, document_ids, packs, per_document_attention
-from .router import ROUTER_DIR, RouterSpec, rank_in_doc, save_spec
+from ..model.packing import Pack, packs, rank_in_doc
+from ..model.protocol import document_tokens, question_tokens
 
-NQ = Path(__file__).resolve().parents[3] / "shared/eval/raw/nq-open-oracle.first2000.jsonl.gz"
 TRAIN_LINES = 1500                  # NQ questions 1..1500 are the train split; never read past them here
 HOT_BYTES_PER_TOKEN = 100           # routing keys' budget: heads * head_dim * 2 bytes / granularity
 GRANULARITIES = (2, 4, 8)          # 1 would be best, but even one key head then costs 128 bytes/token
 SHORTLIST = 16                      # single heads kept for the greedy combination
 
 
-def load_train(n: int) -> tuple[list[str], list[str]]:
+def load_train(nq: Path, n: int) -> tuple[list[str], list[str]]:
+    """The first n train questions of the NQ-Open oracle file and their gold passages (title, blank line, text)."""
     questions, passages = [], []
-    with gzip.open(NQ, "rt") as f:
+    with gzip.open(nq, "rt") as f:
         for i, line in enumerate(f):
             if i == min(n, TRAIN_LINES):
                 break
@@ -52,20 +56,13 @@ def document_keys(backbone: Backbone, docs: list[list[int]]) -> tuple[Tensor, Te
     """Pre-RoPE keys of every layer for documents encoded as stage 1 encodes them ->
     (k [L, T, Hk, d] bf16, token_doc [T])."""
     out, token_docs = [], []
-    for pack in packs([len(d) for d in docs], 2048):
-        lengths = torch.tensor([len(docs[i]) for i in pack])
-        token_doc = torch.repeat_interleave(torch.tensor(pack), lengths)
-        positions = rank_in_doc(token_doc)
-        bounds = torch.cumsum(lengths, 0).tolist()
-        h = backbone.embed_tokens(torch.tensor([t for i in pack for t in docs[i]]))
-        ks = []
-        for i in range(backbone.cfg.n_layers):
-            q, k, v = backbone.qkv(i, h)
-            ks.append(k.to(torch.bfloat16))
-            h = backbone.finish_layer(i, h, per_document_attention(
-                backbone.rope(q, positions), backbone.rope(k, positions), v, bounds))
+    for chosen in packs([len(d) for d in docs], 2048):
+        pack = Pack.of([docs[i] for i in chosen])
+        ks: list[Tensor] = []
+        backbone.forward(pack.ids, pack.positions, pack.attend, last=backbone.cfg.n_layers - 1,
+                         read=lambda i, x, q, k, v: ks.append(k.to(torch.bfloat16)))
         out.append(torch.stack(ks))
-        token_docs.append(token_doc)
+        token_docs.append(pack.token_doc + chosen[0])   # packs hold consecutive documents
     return torch.cat(out, 1), torch.cat(token_docs)
 
 
@@ -73,19 +70,15 @@ def document_keys(backbone: Backbone, docs: list[list[int]]) -> tuple[Tensor, Te
 def question_queries(backbone: Backbone, tokenizer, questions: list[str]) -> tuple[Tensor, Tensor]:
     """Pre-RoPE queries of every layer for the question tokens (after the template head), as routing_query
     computes them -> (q [L, T, Hq, d] fp32, token_question [T])."""
-    head = tokenizer(TEMPLATE_HEAD, add_special_tokens=False).input_ids
     out, owners = [], []
     for n, question in enumerate(questions):
-        ids = torch.tensor(head + tokenizer(question, add_special_tokens=False).input_ids)
-        positions = torch.arange(len(ids))
-        h = backbone.embed_tokens(ids)
-        qs = []
-        for i in range(backbone.cfg.n_layers):
-            q, k, v = backbone.qkv(i, h)
-            qs.append(q[len(head):].float())
-            h = backbone.finish_layer(i, h, causal_attention(backbone.rope(q, positions), backbone.rope(k, positions), v))
+        head, tokens = question_tokens(tokenizer, question)
+        ids = torch.tensor(head + tokens)
+        qs: list[Tensor] = []
+        backbone.forward(ids, torch.arange(len(ids)), lambda i, x, q, k, v: causal_attention(q, k, v),
+                         read=lambda i, x, q, k, v: qs.append(q[len(head):].float()), last=backbone.cfg.n_layers - 1)
         out.append(torch.stack(qs))
-        owners.append(torch.full((len(ids) - len(head),), n))
+        owners.append(torch.full((len(tokens),), n))
     return torch.cat(out, 1), torch.cat(owners)
 
 
@@ -96,18 +89,10 @@ class Candidates:
     def __init__(self, k: Tensor, token_doc: Tensor, q: Tensor, token_q: Tensor, mean_k: Tensor, mean_q: Tensor,
                  granularity: int, group: int):
         n_docs = int(token_doc.max()) + 1
-        rank = rank_in_doc(token_doc)
-        keep = rank > 0                                        # the document's first token is a sink
-        lengths = torch.bincount(token_doc, minlength=n_docs)
-        counts = ((lengths - 1).clamp(min=0) + granularity - 1) // granularity
-        first = torch.cumsum(counts, 0) - counts
-        key_of_token = first[token_doc[keep]] + (rank[keep] - 1) // granularity
-        n_keys = int(counts.sum())
-        self.key_doc = torch.repeat_interleave(torch.arange(n_docs), counts)
+        # Pooled as the router pools its keys: the document's first token (a sink) left out.
+        pooled, counts = chunk_means(k.transpose(0, 1), token_doc, n_docs, granularity)   # [K, L, Hk, d]
+        self.key_doc = torch.repeat_interleave(torch.arange(n_docs), torch.tensor(counts))
         self.n_docs = n_docs
-        L, _, hk, d = k.shape
-        sums = torch.zeros(n_keys, L, hk, d).index_add_(0, key_of_token, k[:, keep].permute(1, 0, 2, 3).float())
-        pooled = sums / torch.bincount(key_of_token, minlength=n_keys).clamp(min=1)[:, None, None, None]
         self.keys = F.normalize(pooled - mean_k, dim=-1)                          # [K, L, Hk, d]
         self.queries = F.normalize(q - mean_q[:, None], dim=-1)                   # [L, T, Hq, d]
         self.token_q = token_q
@@ -163,6 +148,7 @@ def greedy(cands: Candidates, shortlist: list[tuple[int, int]], max_key_heads: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nq", type=Path, required=True, help="the raw NQ-Open oracle file (.jsonl.gz)")
     ap.add_argument("--questions", type=int, default=800, help="train questions used (half select, half validate)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -171,14 +157,14 @@ def main() -> None:
     model = load_model()
     b, cfg = model.backbone, model.backbone.cfg
     group = cfg.n_heads // cfg.n_kv_heads
-    questions, passages = load_train(args.questions)
+    questions, passages = load_train(args.nq, args.questions)
     half = len(questions) // 2
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
     log(f"encoding {len(passages)} train passages and questions ...")
     sets = []
     for qs, ps in ((questions[:half], passages[:half]), (questions[half:], passages[half:])):
-        k, token_doc = document_keys(b, [document_ids(model.tokenizer, p) for p in ps])
+        k, token_doc = document_keys(b, [document_tokens(model.tokenizer, p) for p in ps])
         q, token_q = question_queries(b, model.tokenizer, qs)
         sets.append((k, token_doc, q, token_q))
     k, token_doc, q, token_q = sets[0]
@@ -212,9 +198,10 @@ def main() -> None:
     out = args.out or ROUTER_DIR / f"{model.identity['weights_sha256'][:16]}-native.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_spec(spec, out, about={"model": model.identity, "data": "NQ-Open train questions 1-%d" % len(questions),
-                                "selection": f"questions 1-{half}", "validation": f"questions {half + 1}-{len(questions)}",
+                                "selection": f"questions 1-{half}",
+                                "validation": f"questions {half + 1}-{len(questions)}",
                                 "results": results, "made": datetime.date.today().isoformat(),
-                                "command": "python -m msa_cli.memory.calibrate --questions %d" % args.questions})
+                                "command": " ".join(["python -m msa_cli.training.calibrate", *sys.argv[1:]])})
     print(json.dumps({"router": spec.describe(), "file": str(out), "results": results}))
 
 

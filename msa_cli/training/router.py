@@ -1,14 +1,5 @@
-"""`msa train-router`: learn MSA's router projections on the frozen backbone (digest §5).
-
-Data: (a) labelled pairs, a question and the passages of its gold documents, from a QA set in the layout of
-shared/eval/tools/convert_eval.py; (b) inverse-cloze (ICT) pairs from any passages (a folder read as `msa ingest`
-reads it, or a bank's documents): one sentence is the query and the passage without it the positive. All the
-positives form the pool every query is ranked against.
-
-Only the router learns, so the backbone runs once. Each text's normalised input to the routing layer is cached:
-question tokens as they are, documents already averaged over the router's granularity (a key is the projection
-of that mean, since the projection is linear). The cache lives in memory and under $MSA_HOME/cache, so later runs
-with other settings skip the backbone; an epoch then costs seconds.
+"""`msa train-router`: learn MSA's router projections on the frozen backbone (digest §5), from the pairs of
+training/pairs.py over the routing-layer inputs of training/states.py.
 
 Loss: decoupled InfoNCE (τ = 0.1; digest §5) over a batch's candidates: every query's positives, hard negatives
 from BM25 and from the router itself (re-mined each epoch with the current weights), and random passages; all
@@ -18,152 +9,30 @@ max over question tokens, max over a document's keys.
 
 from __future__ import annotations
 
-import hashlib
+import datetime
 import json
 import random
-import re
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm import tqdm
 
+from .. import errors, settings
+from ..memory.lexical import LexicalIndex
+from ..memory.router import RouterSpec, save_spec
 from ..model.backbone import Backbone
-from .encoder import TEMPLATE_HEAD, document_ids, packs, per_document_attention
-from .router import RouterSpec, chunk_means, rank_in_doc
+from .pairs import Pairs, ict_pairs, labelled_pairs, passages_in
+from .states import States, cached_inputs
 
 TAU = 0.1                    # MSA's InfoNCE temperature (fixed in the paper's code)
 CUTOFFS = (1, 5, 10)
-MIN_ICT_WORDS = 5            # an ICT query sentence shorter than this says too little to find its passage
-MAX_ICT_CHARS = 400          # nor should it be most of the passage
 MINE_WITHOUT_LABELS = 512    # ICT queries the router mines hard negatives for, when there are no labelled ones
-
-
-@dataclass
-class Pairs:
-    """Queries, the pool of passages they are ranked against, and which pool passages answer each query."""
-    queries: list[str] = field(default_factory=list)
-    positives: list[list[int]] = field(default_factory=list)   # pool indices per query
-    pool: list[str] = field(default_factory=list)
-    held_out: list[int] = field(default_factory=list)          # query indices never trained on
-    labelled: list[int] = field(default_factory=list)          # query indices from QA sets (not ICT)
-    _index: dict[str, int] = field(default_factory=dict)
-
-    def passage(self, text: str) -> int:
-        if text not in self._index:
-            self._index[text] = len(self.pool)
-            self.pool.append(text)
-        return self._index[text]
-
-    def add(self, query: str, positives: list[str], labelled: bool, held_out: bool = False) -> None:
-        if held_out:
-            self.held_out.append(len(self.queries))
-        if labelled:
-            self.labelled.append(len(self.queries))
-        self.queries.append(query)
-        self.positives.append(sorted({self.passage(p) for p in positives}))
-
-
-def ict_pair(passage: str, rng: random.Random) -> tuple[str, str] | None:
-    """(a sentence of the passage, the passage without it), or None when it has no usable sentence. A first
-    line without a full stop (a title) stays in the passage: it names the subject, as a document's title does."""
-    spans = [m.span() for m in re.finditer(r"[^.!?\n]*[^.!?\s][^.!?\n]*[.!?]+(?=\s|$)", passage)]
-    usable = [(a, b) for a, b in spans if len(passage[a:b].split()) >= MIN_ICT_WORDS and b - a <= MAX_ICT_CHARS]
-    if len(spans) < 2 or not usable:
-        return None
-    a, b = rng.choice(usable)
-    left, right = passage[:a].rstrip(" "), passage[b:].lstrip(" ")
-    gap = " " if left and right and not left.endswith("\n") and not right.startswith("\n") else ""
-    rest = (left + gap + right).strip()
-    return passage[a:b].strip(), rest
-
-
-# --- the backbone, once: cached routing-layer inputs -------------------------------------------------------------
-
-@dataclass
-class States:
-    """One routing layer's inputs for a list of texts: x [N, D] rows, `counts` rows per text (in order)."""
-    x: Tensor
-    counts: Tensor
-
-    def __post_init__(self):
-        self.starts = torch.cumsum(self.counts, 0) - self.counts
-
-    def rows(self, texts: list[int]) -> Tensor:
-        """The rows of these texts, in this order."""
-        return torch.cat([torch.arange(int(self.starts[t]), int(self.starts[t] + self.counts[t])) for t in texts])
-
-
-@torch.inference_mode()
-def layer_inputs(backbone: Backbone, sequences: list[list[int]], layers: list[int], skip: int,
-                 granularity: int | None, pack_tokens: int = 2048,
-                 on_tokens: Callable[[int], None] | None = None) -> dict[int, States]:
-    """Each sequence runs alone (positions from 0, no attention across sequences), packed as stage 1 packs.
-    Returns, per layer, the attention input of every token after the first `skip` of its sequence; with a
-    granularity, documents' tokens averaged as Router.keys averages them (sink left out)."""
-    parts: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in layers}
-    for pack in packs([len(s) for s in sequences], pack_tokens):
-        lengths = torch.tensor([len(sequences[i]) for i in pack])
-        token_seq = torch.repeat_interleave(torch.arange(len(pack)), lengths)
-        positions = rank_in_doc(token_seq)
-        bounds = torch.cumsum(lengths, 0).tolist()
-        h = backbone.embed_tokens(torch.tensor([t for i in pack for t in sequences[i]]))
-        for i in range(max(layers) + 1):
-            if i in parts:
-                x = backbone.attn_input(i, h)
-                if granularity:
-                    x, counts = chunk_means(x, token_seq, len(pack), granularity)
-                    parts[i].append((x.to(torch.bfloat16), torch.tensor(counts)))
-                else:
-                    keep = positions >= skip
-                    parts[i].append((x[keep].to(torch.bfloat16), torch.bincount(token_seq[keep], minlength=len(pack))))
-            if i == max(layers):
-                break
-            q, k, v = backbone.qkv(i, h)
-            h = backbone.finish_layer(i, h, per_document_attention(
-                backbone.rope(q, positions), backbone.rope(k, positions), v, bounds))
-        if on_tokens:
-            on_tokens(int(lengths.sum()))
-    return {layer: States(torch.cat([x for x, _ in p]), torch.cat([c for _, c in p])) for layer, p in parts.items()}
-
-
-def cached_inputs(backbone: Backbone, tokenizer, model_hash: str, texts: list[str], questions: bool,
-                  layers: list[int], granularity: int, cache_dir: Path | None,
-                  on_tokens: Callable[[int], None] | None = None) -> dict[int, States]:
-    """layer_inputs for questions (template head then text; question tokens kept) or documents (as stage 1 reads
-    them; keys' granularity), loaded from the disk cache when this exact computation was done before."""
-    kind = "questions" if questions else f"documents-g{granularity}"
-    h = hashlib.sha256(json.dumps([model_hash, kind]).encode())
-    for t in texts:
-        h.update(t.encode() + b"\0")
-    paths = {layer: cache_dir / f"{h.hexdigest()[:24]}-{kind}-layer{layer}.safetensors" if cache_dir else None
-             for layer in layers}
-    out = {}
-    for layer, path in paths.items():
-        if path and path.is_file():
-            t = load_file(path)
-            out[layer] = States(t["x"], t["counts"])
-    missing = [layer for layer in layers if layer not in out]
-    if not missing:
-        return out
-    if questions:
-        head = tokenizer(TEMPLATE_HEAD, add_special_tokens=False).input_ids
-        seqs = [head + tokenizer(q, add_special_tokens=False).input_ids for q in texts]
-        computed = layer_inputs(backbone, seqs, missing, skip=len(head), granularity=None, on_tokens=on_tokens)
-    else:
-        seqs = [document_ids(tokenizer, t) for t in texts]
-        computed = layer_inputs(backbone, seqs, missing, skip=0, granularity=granularity, on_tokens=on_tokens)
-    for layer, st in computed.items():
-        if paths[layer]:
-            paths[layer].parent.mkdir(parents=True, exist_ok=True)
-            tmp = paths[layer].with_suffix(".tmp")
-            save_file({"x": st.x.contiguous(), "counts": st.counts.contiguous()}, tmp)
-            tmp.replace(paths[layer])
-    return {**out, **computed}
 
 
 # --- the router being trained --------------------------------------------------------------------------------------
@@ -242,15 +111,14 @@ def recall(s: Tensor, positives: list[list[int]]) -> dict[str, float]:
 
 
 def bm25_negatives(pairs: Pairs, depth: int) -> list[list[int]]:
-    """Per query, the pool passages BM25 ranks highest that are not its positives."""
-    import bm25s
-
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(pairs.pool, stopwords="en", show_progress=False), show_progress=False)
-    k = min(depth + max(len(p) for p in pairs.positives), len(pairs.pool))
-    found, _ = retriever.retrieve(bm25s.tokenize(pairs.queries, stopwords="en", show_progress=False), k=k,
-                                  show_progress=False)
-    return [[d for d in row.tolist() if d not in set(pos)][:depth] for row, pos in zip(found, pairs.positives)]
+    """Per query, the pool passages BM25 ranks highest that are not its positives (the bank's BM25, over the pool)."""
+    index = LexicalIndex.build(pairs.pool, list(range(len(pairs.pool))))
+    out = []
+    for query, positives in zip(pairs.queries, pairs.positives):
+        s = index.scores(query)
+        s[positives] = float("-inf")
+        out.append(torch.topk(s, min(depth, len(s) - len(positives))).indices.tolist())
+    return out
 
 
 @dataclass
@@ -371,37 +239,7 @@ def learned_spec(layers: dict[int, tuple[Projections, Standardiser]], granularit
                       mean_key=torch.cat(mean_key), mean_query=torch.cat(mean_query))
 
 
-# --- the whole job: data, cached states, layer choice, training ----------------------------------------------------
-
-def labelled_pairs(pairs: Pairs, set_dir: Path, limit: int | None, held_out: float,
-                   passages_of: Callable[[Path], list[str]]) -> dict:
-    """Add a QA set's first `limit` questions, each with its gold files' passages; the last `held_out` share of
-    them is kept for validation. Returns the source's description for the router's manifest."""
-    from ..evaluation import load_set
-
-    s = load_set(set_dir, limit)
-    n_held = round(len(s.questions) * held_out)
-    for n, q in enumerate(s.questions):
-        golds = [p for g in q["gold_docs"] for p in passages_of(s.corpus / f"{g}.txt")]
-        if golds:
-            pairs.add(q["question"], golds, labelled=True, held_out=n >= len(s.questions) - n_held)
-    digest = hashlib.sha256((set_dir / "questions.jsonl").read_bytes()).hexdigest()[:16]
-    return {"qa": str(set_dir), "questions": len(s.questions), "held_out": n_held, "questions_sha256": digest}
-
-
-def ict_pairs(pairs: Pairs, name: str, passages: list[str], limit: int | None, rng: random.Random) -> dict:
-    """Add inverse-cloze pairs from passages (at most `limit` of them, drawn at random)."""
-    if limit is not None and len(passages) > limit:
-        passages = rng.sample(passages, limit)
-    made = 0
-    for p in passages:
-        pair = ict_pair(p, rng)
-        if pair:
-            pairs.add(pair[0], [pair[1]], labelled=False)
-            made += 1
-    digest = hashlib.sha256("\0".join(passages).encode()).hexdigest()[:16]
-    return {"ict": name, "passages": len(passages), "pairs": made, "passages_sha256": digest}
-
+# --- the whole job: pairs, cached states, layer choice, training ---------------------------------------------------
 
 def choose_and_train(backbone: Backbone, tokenizer, model_hash: str, pairs: Pairs, layers: list[int], cfg: Config,
                      select_epochs: int, cache_dir: Path | None, log: Callable[[str], None] = print,
@@ -438,39 +276,11 @@ def choose_and_train(backbone: Backbone, tokenizer, model_hash: str, pairs: Pair
     return (proj, st), best, report
 
 
-def passages_in(path: Path, tokenizer, passage_tokens: int) -> list[str]:
-    """Passage texts of a bank's documents, or of a folder or file read and split as `msa ingest` would."""
-    from ..corpus.readers import UnreadableFile, read_file
-    from ..corpus.splitter import split
-    from ..corpus.walk import walk
-    from .bank import Bank
-
-    if Bank.exists(path):
-        return [d.text for d in Bank.open(path).documents()]
-    count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
-    out = []
-    for item in sorted(walk(path), key=str):
-        if isinstance(item, Path):
-            try:
-                out += [p.text for p in split(read_file(item), count, passage_tokens)]
-            except UnreadableFile:
-                pass   # ingest warns about these; training just does without them
-    return out
-
-
 def train_router_file(model, out: Path, qa: list[Path], qa_limit: int | None, ict: list[Path],
                       ict_limit: int | None, layers: list[int], heads: int, granularity: int, epochs: int,
                       select_epochs: int, held_out: float, seed: int, command: list[str], progress: bool,
                       log: Callable[[str], None]) -> dict:
     """`msa train-router`: gather pairs, train, and write the router file plus its manifest (out.json)."""
-    import datetime
-    import sys
-
-    from tqdm import tqdm
-
-    from .. import errors, settings
-    from .router import save_spec
-
     cfg = model.backbone.cfg
     bad = [layer for layer in layers if not 0 <= layer < cfg.n_layers]
     if bad:
