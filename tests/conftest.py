@@ -77,3 +77,18 @@ def tiny_model(tiny_model_dir):
 def tiny_env(tiny_model_dir, tmp_path_factory) -> dict:
     """A user of the tiny test model, with an MSA_HOME of their own, shared by a module's tests."""
     return msa_env(tmp_path_factory.mktemp("home"), tiny_model_dir)
+
+
+def failing_reader(monkeypatch, name: str, message: str) -> None:
+    """Make the reader of every file called `name` raise RuntimeError(message), as a reader's bug would, where
+    ingest and training both read files (corpus/passages.py)."""
+    import msa_cli.corpus.passages as passages
+
+    real_parse = passages.parse
+
+    def parse(path, data):
+        if path.name == name:
+            raise RuntimeError(message)
+        return real_parse(path, data)
+
+    monkeypatch.setattr(passages, "parse", parse)

@@ -9,7 +9,7 @@ import pytest
 
 import msa_cli.corpus.passages as passages_module
 import msa_cli.ingest as ingest_module
-from conftest import msa, msa_env
+from conftest import failing_reader, msa, msa_env
 from msa_cli.corpus.readers import UnreadableFile, read_bytes
 from msa_cli.corpus.walk import unique_files, walk
 from msa_cli.engine import Engine
@@ -115,14 +115,7 @@ def test_a_reader_that_fails_in_any_way_skips_only_its_file(tiny_model, tmp_path
     docs = tmp_path / "docs"
     for name in ("a.md", "b.md", "c.md"):
         write(docs / name, note(name))
-    real_parse = passages_module.parse
-
-    def parse(path, data):
-        if path.name == "b.md":
-            raise RuntimeError("a reader bug\nwith a second line")
-        return real_parse(path, data)
-
-    monkeypatch.setattr(passages_module, "parse", parse)
+    failing_reader(monkeypatch, "b.md", "a reader bug\nwith a second line")
     report = ingest(Engine.open(tiny_model, tmp_path / "bank", create=True), [docs])
     assert report.ingested == 2 and report.skipped == {"reader failed": 1}
     assert capsys.readouterr().err.splitlines() == [

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from msa_kernels.routing import route_scores_torch
-from msa_cli.corpus import passages
+from conftest import failing_reader
 from msa_cli.memory.router import Router, chunk_means, load_spec, save_spec
 from msa_cli.training.pairs import Pairs, ict_pair, passages_in
 from msa_cli.training.router import (Projections, Standardiser, bm25_negatives, decoupled_infonce, learned_spec,
@@ -79,14 +79,7 @@ def test_training_reads_a_folder_as_ingest_does_and_does_without_what_fails(tmp_
     for name, text in [("a.txt", "Alpha notes."), ("b.md", "Beta notes."), ("c.bin", "\0\1"), ("sub/d.txt", "Delta.")]:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
-    real_parse = passages.parse
-
-    def parse(path, data):
-        if path.name == "b.md":
-            raise RuntimeError("a reader bug")
-        return real_parse(path, data)
-
-    monkeypatch.setattr(passages, "parse", parse)
+    failing_reader(monkeypatch, "b.md", "a reader bug")
     assert passages_in(tmp_path, tiny_tokenizer(), 64) == ["Alpha notes.", "Delta."]
 
 
