@@ -1,6 +1,7 @@
 """Calibrate `msa ask`'s relevance test on the train split, then measure abstention on dev banks.
 
     python benchmarks/abstention.py --eval-dir /tmp/eval --debs sqlite3-doc_*.deb --dev-sets /tmp/msa-router-recall
+        [--record msa_cli/data/ROUTER-learned.safetensors]
 
 A question is answered when any of the k documents hop 1 finds is relevant (qa.interleave.Relevance: BM25 in
 rare-word matches, or the router's cosine, at or above a threshold); otherwise msa abstains.
@@ -69,6 +70,18 @@ def hop_one(bank: Path, qs: list[str]) -> np.ndarray:
     return np.array(rows)
 
 
+def record(path: Path, threshold: float) -> None:
+    """Write the router threshold into the router file: it travels with that router (RouterSpec.relevant), and
+    its id, which names the keys, does not change."""
+    import dataclasses
+
+    from msa_cli.memory.router import load_spec, read_about, save_spec
+
+    spec = load_spec(path)
+    save_spec(dataclasses.replace(spec, relevant=threshold), path, read_about(path))
+    print(json.dumps({"recorded": str(path), "relevant": threshold, "router": spec.id}), flush=True)
+
+
 def abstains(features: np.ndarray, bm25: float, router: float) -> np.ndarray:
     return (features[:, 0] < bm25) & (features[:, 1] < router)
 
@@ -79,6 +92,8 @@ def main() -> None:
     ap.add_argument("--debs", nargs="+", required=True, help="sqlite3-doc_*.deb")
     ap.add_argument("--dev-sets", type=Path, required=True, help="router_recall.py's --work (nq-dev, nq-dev-1m)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "msa-abstention")
+    ap.add_argument("--record", type=Path, help="router file (the default's, msa_cli/data/*-learned.safetensors) "
+                                                "to write the calibrated router threshold into")
     args = ap.parse_args()
     work, nq = args.work, args.eval_dir / "nq"
     nq_questions = nq / "questions.jsonl"
@@ -105,6 +120,8 @@ def main() -> None:
     print(json.dumps({"calibration": {"bm25": round(bm25, 3), "router": round(router, 3),
                                       "unrelated_passing": round(1 - float(abstains(unrelated, bm25, router).mean()), 3)}}),
           flush=True)
+    if args.record:
+        record(args.record, round(router, 3))
 
     multi_hop = questions(args.eval_dir / "musique" / "questions.jsonl") + questions(args.eval_dir / "hotpot" / "questions.jsonl")
     sample_qs = questions(ROOT / "sample_corpora" / "questions.jsonl")

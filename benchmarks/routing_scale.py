@@ -4,6 +4,8 @@ One routing step per question = score every chunk + max per document + top-16 do
 Prints one JSON line per size, then one summary line with the cost per million chunks at each size.
 
     python benchmarks/routing_scale.py --sizes 10000 100000 1000000 10000000
+    python benchmarks/routing_scale.py --heads 1 --dim 48 --q-heads 1 --doc-chunks 127 --aggregate mean
+        (the shipped learned router: one key a token, late interaction)
 """
 
 import argparse
@@ -30,11 +32,11 @@ def synthetic_keys(n_chunks, n_heads, dim, *, tile=1 << 16, seed=0) -> torch.Ten
     return keys
 
 
-def time_routing(q, keys, key_doc, n_docs, repeats) -> list[float]:
+def time_routing(q, keys, key_doc, n_docs, repeats, aggregate) -> list[float]:
     times_ms = []
     for _ in range(repeats):
         start = time.perf_counter()
-        doc_score = route_scores_torch(q, keys, key_doc, n_docs)
+        doc_score = route_scores_torch(q, keys, key_doc, n_docs, aggregate=aggregate)
         torch.topk(doc_score, min(TOP_K, n_docs))
         times_ms.append((time.perf_counter() - start) * 1e3)
     return times_ms
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="routing tokens T")
     parser.add_argument("--doc-chunks", type=int, default=5, help="chunks per document")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--aggregate", default="max", choices=["max", "mean"], help="over routing tokens")
     args = parser.parse_args()
 
     q = F.normalize(torch.randn(args.tokens, args.q_heads, args.dim), dim=-1)  # [T, Hq, d]
@@ -57,7 +60,7 @@ def main() -> None:
         keys = synthetic_keys(n_chunks, args.heads, args.dim)
         key_doc = torch.arange(n_chunks, dtype=torch.int32) // args.doc_chunks  # contiguous documents
         n_docs = -(-n_chunks // args.doc_chunks)
-        times_ms = time_routing(q, keys, key_doc, n_docs, args.repeats)
+        times_ms = time_routing(q, keys, key_doc, n_docs, args.repeats, args.aggregate)
         median_ms = medians_ms[n_chunks] = statistics.median(times_ms)
         per_million[n_chunks] = median_ms / (n_chunks / 1e6)
         print(json.dumps({
@@ -71,6 +74,7 @@ def main() -> None:
             "q_heads": args.q_heads,
             "heads": args.heads,
             "dim": args.dim,
+            "aggregate": args.aggregate,
             "threads": torch.get_num_threads(),
             "load_avg_1m": os.getloadavg()[0],  # other work on the machine inflates the times
         }), flush=True)

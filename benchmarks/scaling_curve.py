@@ -4,8 +4,9 @@
         [--sizes 16K 64K 256K 1M] [--full-questions 30 --full-sizes 16K 1M] [--results runs.jsonl]
         [--plot BENCHMARKS-scaling.png]
 
-The same NQ dev questions (1501 onwards) at every size. 16K, 64K and 256K: their gold passages plus 2wiki
-paragraphs up to the size; 1M: router_recall.py's nq-dev-1m (all NQ dev gold passages, 2wiki, python3.11-doc;
+The same NQ dev questions (1501 onwards) at every size. 16K, 64K and 256K: their gold passages plus the
+2wiki paragraphs kept out of router training, up to the size; 1M: router_recall.py's nq-dev-1m (all NQ dev gold
+passages, that 2wiki half, linux-doc-6.1;
 --dev-sets is router_recall.py's --work). Each size is one `msa eval --json` run (MSA with the default router
 and hops, BM25-RAG and dense-RAG reading as many documents) and, for the first --full-questions questions, one
 with "full" (the whole bank in a fixed shuffled order, as much as fits the model's window, beside MSA on the same
@@ -27,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from wiki_split import distractor_half
+
 import numpy as np
 
 DEV_START = 1500
@@ -36,7 +39,8 @@ PROJECT_TO = 100_000_000   # the paper's largest memory: projected from the meas
 
 
 def grown_set(nq: Path, twowiki: Path, questions: list[str], tokens: int, out: Path) -> Path:
-    """An eval set: these questions over their gold passages, then 2wiki paragraphs in name order, up to `tokens`
+    """An eval set: these questions over their gold passages, then 2wiki paragraphs the router never trained on
+    (wiki_split.py) in name order, up to `tokens`
     tokens (counted with the default model's tokenizer, as the bank counts them)."""
     from msa_cli.model.loading import load_model
 
@@ -46,7 +50,7 @@ def grown_set(nq: Path, twowiki: Path, questions: list[str], tokens: int, out: P
     (out / "questions.jsonl").write_text("".join(line + "\n" for line in questions))
     gold = [nq / "corpus" / f"{g}.txt" for line in questions for g in json.loads(line)["gold_docs"]]
     total = 0
-    for f in [*dict.fromkeys(gold), *sorted(twowiki.iterdir())]:
+    for f in [*dict.fromkeys(gold), *distractor_half(twowiki)]:
         if total >= tokens:
             break
         link = corpus / f.name

