@@ -1,4 +1,4 @@
-"""The shipped learned router, reproduced: one command, seeded, on this 2-core CPU.
+"""The candidate learned router (issue 17; not yet the shipped default), reproduced: one command, seeded.
 
     python benchmarks/train_router.py --eval-dir /tmp/eval --debs python3.11-doc_*.deb [--out FILE]
 
@@ -7,7 +7,7 @@
   - inverse-cloze pairs from the 2wiki half kept for training (wiki_split.py; the other half is only ever a
     distractor) and from python3.11-doc's pages (linux-doc-6.1 is left for the scaling banks' distractors);
   - all-MiniLM-L6-v2's scores over the same candidates as soft targets (training only).
-It runs `msa train-router` with the shipped settings and prints its log; the router file's manifest (.json
+It runs `msa train-router` with the candidate's settings and prints its log; the router file's manifest (.json
 beside it) records the data's hashes, the settings and every epoch's held-out figures. Nothing here reads a
 dev question.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from wiki_split import training_half
 
 ICT_PASSAGES = 3000   # per --ict source: the two sources weigh alike, and an epoch stays near two minutes
-SHIPPED = ["--qa-limit", "1500", "--layers", "8", "--heads", "1", "--head-dim", "48", "--granularity", "1",
+SETTINGS = ["--qa-limit", "1500", "--layers", "8", "--heads", "1", "--head-dim", "48", "--granularity", "1",
            "--aggregate", "mean", "--teacher", "--epochs", "6", "--seed", "0"]
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     html = docs / "usr" / "share" / "doc" / "python3.11" / "html"
     cmd = [sys.executable, "-m", "msa_cli.cli", "train-router", "--out", str(args.out),
            "--qa", str(args.eval_dir / "nq"), "--ict", str(wiki), "--ict", str(html),
-           "--ict-limit", str(ICT_PASSAGES), *SHIPPED]
+           "--ict-limit", str(ICT_PASSAGES), *SETTINGS]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 

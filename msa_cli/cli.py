@@ -269,7 +269,9 @@ def train_router(out: Path = typer.Option(..., "--out", help="Router file to wri
     except ValueError:
         raise errors.MsaError(f"--layers takes layer numbers separated by commas, not {layers!r}",
                               errors.USAGE) from None
-    if aggregate not in ("mean", "max"):
+    from msa_kernels.routing import AGGREGATES
+
+    if aggregate not in AGGREGATES:   # the kernels' own list, not a copy of it
         raise errors.MsaError(f"--aggregate must be 'mean' or 'max', not {aggregate!r}", errors.USAGE)
     if not qa and not ict:
         raise errors.MsaError("nothing to train on: give --qa SET_DIR and/or --ict PATH", errors.USAGE)

@@ -18,8 +18,8 @@ A router turns each routing layer's token states into unit vectors in a few head
 Native and learned keys average `granularity` tokens (a document's first token, an attention sink with an
 outsized state, left out) and the score is cosine per head, mean over heads, max over a document's keys, then
 over question tokens either MSA's max (Eq. 2) or, for a learned router, the mean (late interaction); then
-top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU, torch here). The settings and weights are recorded with the bank, apart from the layers that keep pooled content K/V,
-so a new router only recomputes the hot tier (`msa reindex`), never the content.
+top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU, torch here). The settings and weights
+are recorded with the bank, apart from the layers that keep pooled content K/V, so a new router only recomputes the hot tier (`msa reindex`), never the content.
 """
 
 from __future__ import annotations
