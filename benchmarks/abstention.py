@@ -79,6 +79,9 @@ def record(path: Path, threshold: float) -> None:
 
     spec = load_spec(path)
     save_spec(dataclasses.replace(spec, relevant=threshold), path, read_about(path))
+    manifest = path.with_suffix(".json")   # the manifest beside it says the same (tests/test_router.py checks)
+    if manifest.exists():
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "relevant": threshold}, indent=1) + "\n")
     print(json.dumps({"recorded": str(path), "relevant": threshold, "router": spec.id}), flush=True)
 
 

@@ -21,6 +21,7 @@ from msa_cli.corpus.eval_set import load_set
 from msa_cli.engine import Engine
 from msa_cli.evaluation import metrics, ranked_files
 from msa_cli.ingest import ingest
+from msa_cli.memory import lexical
 from msa_cli.memory.encoder import routing_query
 from msa_cli.memory.mode import mode_for
 from msa_cli.memory.router import load_spec

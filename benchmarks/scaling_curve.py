@@ -1,7 +1,7 @@
 """Recall@5 and answer accuracy against memory size: the MSA paper's scaling claim, measured from 16K to 1M.
 
     python benchmarks/scaling_curve.py --eval-dir /tmp/eval --dev-sets /tmp/msa-router-recall [--questions 100]
-        [--sizes 16K 64K 256K 1M] [--full-questions 30 --full-sizes 16K 1M] [--results runs.jsonl]
+        [--sizes 16K 64K 256K 1M] [--full-questions 30 --full-sizes 16K 1M | --no-generate] [--results runs.jsonl]
         [--plot BENCHMARKS-scaling.png]
 
 The same NQ dev questions (1501 onwards) at every size. 16K, 64K and 256K: their gold passages plus the
@@ -60,9 +60,9 @@ def grown_set(nq: Path, twowiki: Path, questions: list[str], tokens: int, out: P
     return out
 
 
-def run_eval(set_dir: Path, limit: int, baselines: list[str]) -> dict:
+def run_eval(set_dir: Path, limit: int, baselines: list[str], generate: bool = True) -> dict:
     cmd = [sys.executable, "-m", "msa_cli.cli", "eval", str(set_dir), "--json", "--limit", str(limit),
-           *(arg for b in baselines for arg in ("--baseline", b))]
+           *(arg for b in baselines for arg in ("--baseline", b)), *([] if generate else ["--no-generate"])]
     # stderr passes through: msa eval says when each system is done (a size takes tens of minutes here).
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
     if out.returncode:
@@ -80,6 +80,8 @@ def main() -> None:
                     help="the full-context baseline (the slowest: a whole window per answer) answers only the first "
                          "N questions, in a second run that also reports MSA on them; 0 skips it")
     ap.add_argument("--full-sizes", nargs="+", choices=list(SIZES), help="sizes for full context [default: --sizes]")
+    ap.add_argument("--no-generate", action="store_true",
+                    help="retrieval only (recall@5 per size, minutes instead of an hour a size); skips full context")
     ap.add_argument("--results", type=Path, help="JSON lines file: each finished run is appended to it, and a run "
                                                   "already in it is not repeated (resume a cut-short run)")
     ap.add_argument("--plot", type=Path, default=Path("BENCHMARKS-scaling.png"))
@@ -110,9 +112,9 @@ def main() -> None:
 
     for size in args.sizes:
         if "msa" not in rows[size]:
-            record(size, run_eval(set_dir(size), args.questions, ["bm25", "dense"]))
+            record(size, run_eval(set_dir(size), args.questions, ["bm25", "dense"], generate=not args.no_generate))
     # Full context last: the curve of the others is complete even if this (the slowest) is cut short.
-    for size in (args.full_sizes or args.sizes) if args.full_questions else []:
+    for size in (args.full_sizes or args.sizes) if args.full_questions and not args.no_generate else []:
         if "full" not in rows[size]:
             subset = run_eval(set_dir(size), args.full_questions, ["full"])
             record(size, {"full": subset["full"], "msa-subset": subset["msa"]})
@@ -150,9 +152,11 @@ def main() -> None:
 
     tokens = [rows[s]["bank"]["tokens"] for s in args.sizes]
     colour = {s: f"C{n}" for n, s in enumerate(SYSTEMS)}   # one colour per system in both panels
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, title, top in ((axes[0], "recall@5", "gold document in the top 5", 1.0),
-                                   (axes[1], "contains_answer", "answer contains a gold answer", 0.5)):
+    panels = [(metric, title, top) for metric, title, top in (
+        ("recall@5", "gold document in the top 5", 1.0), ("contains_answer", "answer contains a gold answer", 0.5))
+        if any(metric in r.get(s, {}) for r in rows.values() for s in present)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (metric, title, top) in zip(axes[0], panels):
         for s in present:
             points = [(t, rows[size][s][metric]) for t, size in zip(tokens, args.sizes)
                       if metric in rows[size].get(s, {})]
