@@ -103,6 +103,7 @@ def main() -> None:
 
     # Banks.
     unpacked = work / "sqlite-doc"
+    work.mkdir(parents=True, exist_ok=True)   # dpkg-deb -x makes only the last folder
     if not unpacked.exists():
         for deb in args.debs:
             subprocess.run(["dpkg-deb", "-x", deb, str(unpacked)], check=True)
@@ -111,20 +112,19 @@ def main() -> None:
     gold_train = {g for line in nq_questions.read_text().splitlines()[:1000] for g in json.loads(line)["gold_docs"]}
     link_all([nq / "corpus" / f"{g}.txt" for g in sorted(gold_train)], work / "nq-train" / "corpus")
     link_all(sorted((args.eval_dir / "2wiki" / "corpus").iterdir())[:2000], work / "nq-train" / "corpus", "w-")
-    banks = {name: ingest(work / name / "corpus", work / f"bank-{name}") for name in ("sqlite", "nq-train")}
-    banks["sample"] = ingest(ROOT / "sample_corpora", work / "bank-sample")
-    for name in ("nq-dev", "nq-dev-1m"):   # the banks `msa eval` made for router_recall.py
-        s = load_set(args.dev_sets / name, None, 0)
-        banks[name] = ingest(s.corpus, default_eval_bank(s))
-
-    # Calibration on the train split.
-    unrelated = hop_one(banks["sqlite"], questions(nq_questions, 0, 500))
+    # Calibration on the train split first (it needs only the unrelated bank), so --record lands early.
+    unrelated = hop_one(ingest(work / "sqlite" / "corpus", work / "bank-sqlite"), questions(nq_questions, 0, 500))
     bm25, router = float(np.percentile(unrelated[:, 0], 90)), float(np.percentile(unrelated[:, 1], 95))
     print(json.dumps({"calibration": {"bm25": round(bm25, 3), "router": round(router, 3),
                                       "unrelated_passing": round(1 - float(abstains(unrelated, bm25, router).mean()), 3)}}),
           flush=True)
     if args.record:
         record(args.record, round(router, 3))
+    banks = {"nq-train": ingest(work / "nq-train" / "corpus", work / "bank-nq-train"),
+             "sample": ingest(ROOT / "sample_corpora", work / "bank-sample")}
+    for name in ("nq-dev", "nq-dev-1m"):   # the banks `msa eval` made for router_recall.py
+        s = load_set(args.dev_sets / name, None, 0)
+        banks[name] = ingest(s.corpus, default_eval_bank(s))
 
     multi_hop = questions(args.eval_dir / "musique" / "questions.jsonl") + questions(args.eval_dir / "hotpot" / "questions.jsonl")
     sample_qs = questions(ROOT / "sample_corpora" / "questions.jsonl")

@@ -45,7 +45,9 @@ def nq_dev(nq: Path, out: Path) -> Path:
 
 def grown(dev: Path, twowiki: Path, debs: list[str], tokens: int, out: Path) -> Path:
     """dev's questions over its corpus plus distractors, up to `tokens` tokens (counted with the default model's
-    tokenizer, as the bank counts them)."""
+    tokenizer over the text ingest extracts, as the bank counts them: HTML markup is not memory)."""
+    from msa_cli.corpus.readers import read_file
+    from msa_cli.errors import MsaError
     from msa_cli.model.loading import load_model
 
     tokenizer = load_model().tokenizer
@@ -56,10 +58,14 @@ def grown(dev: Path, twowiki: Path, debs: list[str], tokens: int, out: Path) -> 
 
     def add(path: Path, name: str) -> None:
         nonlocal total
+        try:
+            text = read_file(path).text
+        except MsaError:   # ingest skips what it cannot read (and says so): it adds nothing to the bank
+            return
         link = corpus / name
         if not link.exists():
             link.symlink_to(path.resolve())
-        total += len(tokenizer(path.read_text(errors="replace"), add_special_tokens=False).input_ids)
+        total += len(tokenizer(text, add_special_tokens=False).input_ids)
 
     for f in sorted((dev / "corpus").iterdir()):
         add(f, f.name)

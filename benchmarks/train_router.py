@@ -1,4 +1,4 @@
-"""The candidate learned router (issue 17; not yet the shipped default), reproduced: one command, seeded.
+"""The shipped learned router (msa_cli/data/*-learned.safetensors), reproduced: one command, seeded.
 
     python benchmarks/train_router.py --eval-dir /tmp/eval --debs python3.11-doc_*.deb [--out FILE]
 
@@ -7,7 +7,7 @@
   - inverse-cloze pairs from the 2wiki half kept for training (wiki_split.py; the other half is only ever a
     distractor) and from python3.11-doc's pages (linux-doc-6.1 is left for the scaling banks' distractors);
   - all-MiniLM-L6-v2's scores over the same candidates as soft targets (training only).
-It runs `msa train-router` with the candidate's settings and prints its log; the router file's manifest (.json
+It runs `msa train-router` with the shipped router's settings and prints its log; the router file's manifest (.json
 beside it) records the data's hashes, the settings and every epoch's held-out figures. Nothing here reads a
 dev question.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from wiki_split import training_half
 
-ICT_PASSAGES = 3000   # per --ict source: the two sources weigh alike, and an epoch stays near two minutes
+ICT_PASSAGES = 3000   # per --ict source: the two sources weigh alike, and an epoch stays near 4 minutes here
 SETTINGS = ["--qa-limit", "1500", "--layers", "8", "--heads", "1", "--head-dim", "48", "--granularity", "1",
            "--aggregate", "mean", "--teacher", "--epochs", "6", "--seed", "0"]
 

@@ -20,7 +20,9 @@ HOPS = 3                       # Memory Interleave's hop budget per question
 RELEVANT_BM25 = 0.733
 NO_REPEAT_NGRAM = 6            # greedy decoding never repeats a 6-token run of its own answer (model.decode)
 PASSAGE_TOKENS = 320           # memory-document size, like the paper's passages
-FUSION_WEIGHT = 0.7            # router vs. BM25 in the default score (lexical.fused), fitted on train (fusion_weight.py); 0 = no BM25
+# The learned router's weight against BM25 in the default score (lexical.fused; 0 = no BM25), fitted on train
+# (benchmarks/fusion_weight.py).
+FUSION_WEIGHT = 0.7
 PACK_TOKENS = 2048             # tokens per stage-1 forward when packing documents (measured: 2048 >= 4096 > 1024)
 
 
