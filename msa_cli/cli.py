@@ -272,7 +272,8 @@ def train_router(out: Path = typer.Option(..., "--out", help="Router file to wri
     from msa_kernels.routing import AGGREGATES
 
     if aggregate not in AGGREGATES:   # the kernels' own list, not a copy of it
-        raise errors.MsaError(f"--aggregate must be 'mean' or 'max', not {aggregate!r}", errors.USAGE)
+        raise errors.MsaError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}",
+                              errors.USAGE)
     if not qa and not ict:
         raise errors.MsaError("nothing to train on: give --qa SET_DIR and/or --ict PATH", errors.USAGE)
     m = load_model(model)

@@ -19,7 +19,8 @@ Native and learned keys average `granularity` tokens (a document's first token, 
 outsized state, left out) and the score is cosine per head, mean over heads, max over a document's keys, then
 over question tokens either MSA's max (Eq. 2) or, for a learned router, the mean (late interaction); then
 top-k. The scan itself is `msa_kernels.route_scores` (Triton on a GPU, torch here). The settings and weights
-are recorded with the bank, apart from the layers that keep pooled content K/V, so a new router only recomputes the hot tier (`msa reindex`), never the content.
+are recorded with the bank, apart from the layers that keep pooled content K/V, so a new router only recomputes
+the hot tier (`msa reindex`), never the content.
 """
 
 from __future__ import annotations
