@@ -31,8 +31,9 @@ DEV = (1500, 2000)   # NQ dev: questions 1501..2000 (0-based lines 1500..1999)
 DOC_SUFFIXES = {".html", ".htm", ".txt", ".rst"}
 
 
-def nq_dev(nq: Path, out: Path) -> Path:
-    lines = (nq / "questions.jsonl").read_text().splitlines()[DEV[0]:DEV[1]]
+def nq_dev(nq: Path, out: Path, questions: tuple[int, int] = DEV) -> Path:
+    """NQ questions (0-based lines questions[0]..questions[1]-1) over their own gold passages."""
+    lines = (nq / "questions.jsonl").read_text().splitlines()[questions[0]:questions[1]]
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     (out / "questions.jsonl").write_text("\n".join(lines) + "\n")
     for q in map(json.loads, lines):
