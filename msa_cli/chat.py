@@ -13,7 +13,7 @@ from dataclasses import replace
 from . import settings
 from .engine import Engine
 from .errors import MsaError
-from .qa.answer import source_line
+from .qa.answer import quote_lines, source_line
 from .qa.ask import Answer, Options, TextStream, ask
 
 HELP = """commands:
@@ -61,7 +61,8 @@ class Session:
         return True
 
     def answer(self, question: str) -> None:
-        stream = TextStream(self.engine.model.tokenizer, lambda text: (self.out.write(text), self.out.flush()))
+        stream = TextStream(self.engine.model.tokenizer, lambda text: (self.out.write(text), self.out.flush()),
+                            self.opts.long)
         try:
             a = ask(self.engine, question, self.opts, stream)
         except KeyboardInterrupt:
@@ -84,9 +85,13 @@ class Session:
         if self.last is None or not self.last.sources():
             self.say("no sources yet")
             return
-        for s, hit in zip(self.last.sources(), self.last.retrieval.hits):
+        evidence = [e.to_json() for e in self.last.evidence]
+        for s, i in zip(self.last.sources(), self.last.read):
             self.say(source_line(s))
-            self.say("    " + " ".join(hit.document.text.split())[:400])
+            # The lines that carry the evidence; the passage's opening when it was read whole.
+            opening = "    " + " ".join(self.last.retrieval.hits[i].document.text.split())[:400]
+            for line in quote_lines(s, evidence) or [opening]:
+                self.say(line)
 
 
 def run(engine: Engine, opts: Options) -> None:

@@ -32,6 +32,11 @@ HOPS_HELP = "Memory Interleave's hop budget (for an MSA checkpoint: its most ret
 TopKOption = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help=TOP_K_HELP)
 HopsOption = typer.Option(settings.HOPS, "--hops", min=1, help=HOPS_HELP)
 MaxTokensOption = typer.Option(200, "--max-tokens", min=1)
+# What `msa ask`, `msa chat` and `msa eval` share.
+PassagesOption = typer.Option(False, "--passages", help="Read the documents found whole, not their best sentences.")
+EvidenceOption = typer.Option(settings.EVIDENCE, "--evidence", min=1,
+                              help="Sentences read (best first, each with its neighbours).")
+LongOption = typer.Option(False, "--long", help="Let the answer go on past its first sentence (explanations).")
 
 
 def say(message: str) -> None:
@@ -100,19 +105,21 @@ def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] =
            device: Optional[str] = DeviceOption,
            top_k: int = typer.Option(10, "--top-k", "-k", min=1),
            as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")):
-    """Routing only: the documents the router picks for QUERY, with scores."""
-    from .qa.answer import citation
+    """Routing only: the documents the router picks for QUERY, with scores and each one's best line."""
+    from .qa.answer import citation, quote_lines
+    from .qa.ask import counter
+    from .qa.evidence import best_line
 
     engine = open_engine(bank, model, device=device)
+    count = counter(engine.model.tokenizer)
     for rank, hit in enumerate(engine.route(query, top_k), 1):
-        d = hit.document
+        d, line = hit.document, best_line(query, hit.document, count).to_json()
         if as_json:
             print(json.dumps({"rank": rank, "doc_id": d.doc_id, "path": d.source, **d.span,
-                              "score": round(hit.score, 4)}))
+                              "score": round(hit.score, 4), "evidence": {**line, "n": rank}}))
         else:
-            preview = " ".join(d.text.split())
-            preview = preview if len(preview) <= 70 else preview[:69] + "…"
-            print(f"{rank:>3}. {hit.score:.3f}  {citation(d)}  {preview}")
+            print(f"{rank:>3}. {hit.score:.3f}  {citation(d)}")
+            print(quote_lines({"n": rank}, [{**line, "n": rank}])[0])
 
 
 @app.command()
@@ -120,6 +127,7 @@ def ask(question: str = typer.Argument(..., help="The question, or '-' to read q
         bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
         device: Optional[str] = DeviceOption,
         top_k: int = TopKOption, hops: int = HopsOption, max_tokens: int = MaxTokensOption,
+        passages: bool = PassagesOption, evidence: int = EvidenceOption, long: bool = LongOption,
         abstain: bool = typer.Option(True, "--abstain/--no-abstain",
                                      help="Say so and exit 7 when nothing in memory is relevant (default), or read "
                                           "the best documents anyway."),
@@ -129,7 +137,7 @@ def ask(question: str = typer.Argument(..., help="The question, or '-' to read q
                                          "model trained for it)."),
         as_json: bool = typer.Option(False, "--json", help="One JSON object per question, one per line.")):
     """Answer QUESTION from memory, citing the files it came from. Exit 7 when nothing in memory is relevant."""
-    from .qa.answer import source_line
+    from .qa.answer import quote_lines, source_line
     from .qa.ask import Options, TextStream, ask as answer
 
     if context not in ("text", "pooled"):
@@ -138,12 +146,13 @@ def ask(question: str = typer.Argument(..., help="The question, or '-' to read q
     if not batch and not question.strip():
         raise errors.MsaError("the question is empty", errors.USAGE)
     engine = open_engine(bank, model, device=device)
-    opts = Options(top_k=top_k, hops=hops, max_tokens=max_tokens, abstain=abstain, context=context)
+    opts = Options(top_k=top_k, hops=hops, max_tokens=max_tokens, abstain=abstain, context=context,
+                   read="passages" if passages else "evidence", evidence=evidence, long=long)
     # Like grep: success when anything was answered, a distinct code when nothing in memory was relevant.
     answered = abstained = 0
     for q in (line for line in sys.stdin if line.strip()) if batch else [question]:
         stream = not as_json and not batch and sys.stdout.isatty()   # a terminal sees the answer as it is written
-        a = answer(engine, q, opts, TextStream(engine.model.tokenizer, write_out) if stream else None)
+        a = answer(engine, q, opts, TextStream(engine.model.tokenizer, write_out, opts.long) if stream else None)
         abstained += a.abstained
         answered += not a.abstained
         if as_json:
@@ -152,8 +161,11 @@ def ask(question: str = typer.Argument(..., help="The question, or '-' to read q
             print(("" if answered + abstained == 1 else "\n") + " ".join(a.text.split()), flush=True)
         else:
             print(("\n" if stream else a.text + "\n") if not a.abstained else a.text)
+            evidence = [e.to_json() for e in a.evidence]
             for s in a.sources():
                 print(source_line(s))
+                for line in quote_lines(s, evidence):
+                    print(line)
         if a.abstained and not as_json:
             say("msa: no document in memory is relevant to this question (--no-abstain reads the closest anyway)")
     if abstained and not answered:
@@ -169,6 +181,7 @@ def write_out(text: str) -> None:
 def chat(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
          device: Optional[str] = DeviceOption,
          top_k: int = TopKOption, hops: int = HopsOption, max_tokens: int = MaxTokensOption,
+         passages: bool = PassagesOption, evidence: int = EvidenceOption, long: bool = LongOption,
          abstain: bool = typer.Option(True, "--abstain/--no-abstain",
                                       help="Say so when nothing in memory is relevant, or read the best anyway.")):
     """Ask questions one after another (line editing, history, :sources :k N :hops N :trace :quit)."""
@@ -176,7 +189,8 @@ def chat(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
     from .qa.ask import Options
 
     engine = open_engine(bank, model, device=device)
-    run(engine, Options(top_k=top_k, hops=hops, max_tokens=max_tokens, abstain=abstain))
+    run(engine, Options(top_k=top_k, hops=hops, max_tokens=max_tokens, abstain=abstain,
+                        read="passages" if passages else "evidence", evidence=evidence, long=long))
 
 
 @app.command(name="eval")
@@ -190,6 +204,7 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
              top_k: int = typer.Option(settings.TOP_K, "--top-k", "-k", min=1, help="As `msa ask --top-k`."),
              hops: int = typer.Option(settings.HOPS, "--hops", min=1, help="As `msa ask --hops`."),
              max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Longest answer, in tokens."),
+             passages: bool = PassagesOption, evidence: int = EvidenceOption, long: bool = LongOption,
              limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use this many questions."),
              skip: int = typer.Option(0, "--skip", min=0, help="Skip this many questions first (e.g. --skip "
                                                                  "1500 for NQ's dev split)."),
@@ -209,7 +224,8 @@ def eval_set(set_dir: Path = typer.Argument(..., help="An eval set: corpus/ and 
         raise errors.MsaError(f"unknown baseline {unknown[0]!r}: choose bm25, dense or full", errors.USAGE)
     if no_generate and "full" in baseline:
         raise errors.MsaError("baseline 'full' only answers: drop --no-generate", errors.USAGE)
-    opts = None if no_generate else Options(top_k=top_k, hops=hops, max_tokens=max_tokens)
+    opts = None if no_generate else Options(top_k=top_k, hops=hops, max_tokens=max_tokens, long=long,
+                                            read="passages" if passages else "evidence", evidence=evidence)
     results, s, summary = run(set_dir, model, device, baseline, opts, limit=limit, skip=skip, bank=bank,
                               router=router, progress=sys.stderr.isatty(), log=say)
     if as_json:

@@ -82,6 +82,28 @@ class Engine:
         q = routing_query(self.model.backbone, self.model.tokenizer, self.router, text)
         return search(self.bank, self.router, q, text, k, fuse)
 
+    def key_scores(self, text: str, units: list[tuple[Document, tuple[int, int]]]) -> list[float]:
+        """The router's score of `text` for each unit (document, (start, end) in its text): its aggregate over
+        routing tokens of each token's best key within the unit, as it scores documents (0 for a unit holding
+        no key's start)."""
+        q = routing_query(self.model.backbone, self.model.tokenizer, self.router, text)
+        per_doc: dict[int, tuple[Tensor, Tensor]] = {}   # doc id -> (similarity [T, K], key starts [K])
+        out = []
+        for doc, (start, end) in units:
+            if doc.doc_id not in per_doc:
+                sim = self.router.similarity(q, self.bank.document_keys(doc.doc_id))
+                offsets = self.model.tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+                starts = self.router.key_starts([a for a, _ in offsets["offset_mapping"]])[:sim.shape[1]]
+                per_doc[doc.doc_id] = sim, torch.tensor(starts)
+            sim, starts = per_doc[doc.doc_id]
+            inside = ((starts >= start) & (starts < end)).nonzero().flatten()
+            if not inside.numel():
+                out.append(0.0)
+                continue
+            best = sim[:, inside].max(1).values                                         # [T]
+            out.append(float(best.mean() if self.router.spec.aggregate == "mean" else best.max()))
+        return out
+
     def select(self, layer: int, x: Tensor, k: int) -> tuple[list[int], list[float], Tensor, Tensor]:
         """An MSA checkpoint's stage 2 in one router layer: x [T, D] is the layer's normalised input at the routing
         tokens. -> (the k best documents' ids, their scores, their pooled k and v [S, Hk, d] on the model's
@@ -98,12 +120,14 @@ class Engine:
 
     # --- stage 3 ------------------------------------------------------------------------------------------
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None) -> list[int]:
-        """Ordinary decoding over a prompt that holds the selected documents' original text."""
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None, stop_when=None) -> list[int]:
+        """Ordinary decoding over a prompt that holds the selected documents' original text (stop_when: see
+        Decoder.generate)."""
         backbone = self.model.backbone
         return Decoder(backbone).generate(prompt_ids, cache=KVCache.empty(backbone.cfg.n_layers), start_position=0,
                                           max_new_tokens=max_new_tokens, stop_ids=stop_ids(self.model.tokenizer),
-                                          on_token=on_token, no_repeat_ngram=defaults.NO_REPEAT_NGRAM)
+                                          on_token=on_token, no_repeat_ngram=defaults.NO_REPEAT_NGRAM,
+                                          stop_when=stop_when)
 
     def generate_over_memory(self, question_ids: list[int], hits: list[Hit], max_new_tokens: int,
                              on_token=None) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -159,8 +160,9 @@ def evaluate(engine: Engine, s: EvalSet, baselines: list[str], answers: Options 
         log(f"{system}: {len(s.questions)} questions in {time.perf_counter() - start:.0f} s")
     if answers and "full" in baselines:
         start, whole = time.perf_counter(), reading(full_context_order(docs))
+        opts = replace(answers, read="passages")   # a long-context model reads the text as it is
         results["full"] = {"questions": len(s.questions),
-                           **answer_metrics(s, lambda q: answer_from(engine, q, whole, answers, time.perf_counter()))}
+                           **answer_metrics(s, lambda q: answer_from(engine, q, whole, opts, time.perf_counter()))}
         log(f"full: {len(s.questions)} questions in {time.perf_counter() - start:.0f} s")
     return results
 
@@ -175,10 +177,12 @@ def full_context_order(docs: list[Document]) -> list[Document]:
 
 
 def rag(engine: Engine, docs: list[Document], rank: Ranker, question: str, opts: Options):
-    """A retrieval baseline's answer: its best documents, as many as `msa ask` may read, through msa's generator."""
+    """A retrieval baseline's answer: its best documents, as many as `msa ask` may read, through msa's generator,
+    read whole, as a RAG stack reads its chunks (evidence selection is msa's)."""
     t0 = time.perf_counter()
     best = [(docs[i], score) for i, score in rank(question)[:reading_budget(opts)]]
-    return answer_from(engine, question, reading([d for d, _ in best], [score for _, score in best]), opts, t0)
+    return answer_from(engine, question, reading([d for d, _ in best], [score for _, score in best]),
+                       replace(opts, read="passages"), t0)
 
 
 def reading(docs: list[Document], scores: list[float] | None = None) -> Retrieval:
@@ -190,20 +194,26 @@ def reading(docs: list[Document], scores: list[float] | None = None) -> Retrieva
 def answer_metrics(s: EvalSet, answer) -> dict:
     """Answer every question: exact match, token F1 and contains-answer against its gold answers (an abstention
     scores 0), the share abstained, the shares whose prompt held a gold document and every gold document (what
-    multi-hop questions need), and latency per answer."""
+    multi-hop questions need), latency per answer and to its first token, and when answers quote evidence, the
+    share whose best evidence sentence holds a gold answer."""
     rows = []
     answered, seconds = timed(answer, s)
     for q, a in zip(s.questions, answered):
         text = "" if a.abstained else a.text
         read = {Path(src["path"]).stem for src in a.sources()}
         gold = set(q["gold_docs"])
+        best = max(a.evidence, key=lambda e: e.score).text if a.evidence else ""
         rows.append((exact_match(text, q["answers"]), token_f1(text, q["answers"]),
-                     contains_answer(text, q["answers"]), a.abstained, bool(read & gold), gold <= read))
+                     contains_answer(text, q["answers"]), a.abstained, bool(read & gold), gold <= read,
+                     contains_answer(best, q["answers"])))
     m = np.array(rows, dtype=float).mean(0)
+    quoted = {"evidence_contains": float(m[6])} if any(a.evidence for a in answered) else {}
+    first = [a.timings["first_token_ms"] for a in answered if "first_token_ms" in a.timings]
     return {"exact_match": float(m[0]), "f1": float(m[1]), "contains_answer": float(m[2]), "abstained": float(m[3]),
             "gold_read": float(m[4]), "all_gold_read": float(m[5]),
             "answer_ms_p50": round(1e3 * float(np.median(seconds)), 1),
-            "answer_ms_p95": round(1e3 * float(np.percentile(seconds, 95)), 1)}
+            "answer_ms_p95": round(1e3 * float(np.percentile(seconds, 95)), 1),
+            **({"first_token_ms_p50": round(float(np.median(first)), 1)} if first else {}), **quoted}
 
 
 def timed(f: Callable, s: EvalSet) -> tuple[list, list[float]]:

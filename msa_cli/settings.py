@@ -23,6 +23,16 @@ PASSAGE_TOKENS = 320           # memory-document size, like the paper's passages
 # The learned router's weight against BM25 in the default score (lexical.fused; 0 = no BM25), fitted on train
 # (benchmarks/fusion_weight.py).
 FUSION_WEIGHT = 0.7
+# What `msa ask` reads of the documents found (qa/evidence.py): its EVIDENCE best sentences, each with NEIGHBOURS
+# sentences on either side, chosen on NQ train questions (benchmarks/evidence_budget.py).
+# Sentences rank by BM25 among the documents' sentences, fused with the router's keys within each sentence at
+# this weight (0: BM25 alone).
+EVIDENCE = 3
+NEIGHBOURS = 1
+EVIDENCE_ROUTER_WEIGHT = 0.5
+# What Memory Interleave's later hops route on besides the question: the best document just read, its best
+# READ_BACK_SENTENCES sentences for the question (0: all of it), measured by benchmarks/interleave_recall.py.
+READ_BACK_SENTENCES = 0
 PACK_TOKENS = 2048             # tokens per stage-1 forward when packing documents (measured: 2048 >= 4096 > 1024)
 
 

@@ -33,7 +33,8 @@ def test_json_answer_has_the_documented_schema_and_its_sources_hold_the_cited_te
             "--max-tokens", "8", "-k", "9")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)   # stdout is exactly one JSON object
-    assert {"question", "answer", "abstained", "sources", "hops", "model", "router", "timings", "tokens"} <= set(out)
+    assert {"question", "answer", "abstained", "sources", "evidence", "hops", "model", "router", "timings",
+            "tokens"} <= set(out)
     assert out["abstained"] is False and out["model"] == "tiny-test" and 1 <= out["tokens"] <= 8
     assert {"route_ms", "first_token_ms", "generate_ms", "total_ms"} <= set(out["timings"])
     assert out["hops"][0]["routing_text"] == out["question"] and out["hops"][0]["selected"]
@@ -45,6 +46,24 @@ def test_json_answer_has_the_documented_schema_and_its_sources_hold_the_cited_te
         assert s["hop"] == 1 and s["page"] is None
         cited = Path(s["path"]).read_text().splitlines()[s["line_start"] - 1:s["line_end"]]
         assert text[s["doc_id"]].split() == " ".join(cited).split()   # the cited lines hold the document read
+    # The sentences read, each quoted verbatim from the lines it cites, in a source it names.
+    assert out["evidence"] and {e["n"] for e in out["evidence"]} <= {s["n"] for s in sources}
+    for e in out["evidence"]:
+        assert set(e) == {"n", "path", "page", "line_start", "line_end", "text", "score"}
+        assert e["path"] == sources[e["n"] - 1]["path"] and e["page"] is None
+        assert e["text"] in "\n".join(Path(e["path"]).read_text().splitlines()[e["line_start"] - 1:e["line_end"]])
+
+
+def test_text_output_quotes_the_evidence_under_its_source_and_passages_reads_whole(tiny_env, bank):
+    question = "Where is the quokka found? quokka wallaby Rottnest"
+    r = msa(tiny_env, "ask", question, "--bank", str(bank), "--max-tokens", "4", "-k", "9")
+    assert r.returncode == 0, r.stderr
+    quotes = [line for line in r.stdout.splitlines() if line.startswith("    ")]
+    # (The tiny model's tokenizer counts many tokens to a word: the sentence is quoted in pieces.)
+    assert any(line.startswith("    3: The quokka is a small wallaby found") for line in quotes)
+    whole = json.loads(msa(tiny_env, "ask", question, "--bank", str(bank), "--json", "--max-tokens", "4", "-k", "9",
+                           "--passages").stdout)
+    assert whole["evidence"] == [] and whole["sources"]
 
 
 def test_questions_from_stdin_give_one_json_line_each_and_nothing_else(tiny_env, bank):

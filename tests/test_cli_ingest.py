@@ -41,6 +41,12 @@ def test_ingest_status_search_forget(tiny_env, tmp_path):
             .splitlines()]
     assert [h["rank"] for h in hits] == [1, 2]
     assert all(Path(h["path"]).is_absolute() and h["line_start"] >= 1 for h in hits)
+    for h in hits:   # each hit's best line, verbatim at the lines it cites, inside the document's span
+        e = h["evidence"]
+        assert h["line_start"] <= e["line_start"] <= e["line_end"] <= h["line_end"]
+        assert e["text"] in "\n".join(Path(h["path"]).read_text().splitlines()[e["line_start"] - 1:e["line_end"]])
+    shown = msa(tiny_env, "search", "Note 1", "--bank", bank, "-k", "1").stdout.splitlines()
+    assert len(shown) == 2 and shown[1].startswith(f"    {hits[0]['evidence']['line_start']}")
 
     r = msa(tiny_env, "forget", str(docs / "note-000.md"), "--bank", bank)
     assert r.returncode == 0 and "forgot 1 files" in r.stderr

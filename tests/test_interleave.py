@@ -81,3 +81,14 @@ def test_a_later_hop_adds_at_most_half_of_k():
     table = {"q": {1: 9.0, 2: 8.0, 3: 7.0, 4: 6.0}}   # every document relevant
     r = retrieve(router(table, []), "q", k=2, max_hops=2, relevant=above(0.0))
     assert r.hop_of == [1, 1, 2] and [h.document.doc_id for h in r.hits] == [1, 2, 3]
+
+
+def test_a_later_hop_routes_on_what_read_back_gives_of_the_document_just_read():
+    calls: list[str] = []
+    table = {"G. Stanley": {1: 9.0, 2: 1.0, 3: 0.0, 4: 0.0},
+             "ASSOCIATION": {1: 9.0, 2: 5.0, 3: 0.5, 4: 0.1},
+             "first president": {1: 4.0, 2: 0.5, 3: 0.2, 4: 0.1}}
+    r = retrieve(router(table, calls), "Who was the first president of the journal's publisher?", k=1, max_hops=2,
+                 relevant=above(2.0), read_back=lambda hit: hit.document.text.upper())
+    assert [h.document.doc_id for h in r.hits] == [1, 2]
+    assert calls[1] == calls[0] + "\n\n" + DOCS[1].text.upper()   # the question, then what read_back gave

@@ -169,3 +169,22 @@ def test_fused_scores_standardise_each_side():
     router, bm25 = torch.linspace(0, 1, 50), torch.zeros(50)
     bm25[0] = 9.0
     assert int(lexical.fused(router, bm25, 0.5).argmax()) == 0
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_key_scores_of_a_whole_document_are_its_routing_score(tiny_model, corpus, tmp_path, aggregate):
+    # Evidence ranks sentences by the router's keys within them (qa/evidence.py): a span covering the whole text
+    # must score what routing gives the document, and no sentence more than that.
+    out = tmp_path / "router.safetensors"
+    train(tiny_model, corpus, out, aggregate=aggregate, layers=[1], epochs=1)
+    engine = Engine.open(tiny_model, tmp_path / "bank", create=True, new_router=load_spec(out))
+    ingest(engine, [corpus])
+    hit = engine.route("volcano birds", 1, fuse=False)[0]
+    doc = hit.document
+    whole, first, rest = engine.key_scores("volcano birds", [(doc, (0, len(doc.text))), (doc, (0, 20)),
+                                                             (doc, (20, len(doc.text)))])
+    assert whole == pytest.approx(hit.router, abs=1e-4)
+    assert first <= whole + 1e-6 and rest <= whole + 1e-6
+    if aggregate == "max":
+        assert max(first, rest) == pytest.approx(whole, abs=1e-6)
+    assert engine.key_scores("volcano birds", [(doc, (len(doc.text), len(doc.text)))]) == [0.0]

@@ -245,6 +245,15 @@ def is_supported(path: Path) -> bool:
     return _reader_for(path) is not None
 
 
+def lines_are_newlines(path: Path) -> bool:
+    """True when the reader's text has the file's own lines, so that a passage's newlines count its lines: every
+    format but HTML, whose text is the visible text cited by the HTML source's lines (a .gz as what it holds)."""
+    reader = _reader_for(path)
+    if reader is _read_gzip:
+        reader = _reader_for(path.with_suffix(""))
+    return reader is not _read_html
+
+
 def read_bytes(path: Path) -> bytes:
     """A regular file's bytes; UnreadableFile if it cannot be read, is not a regular file or is too large."""
     try:

@@ -69,6 +69,14 @@ def split(text: Text, count_tokens: Callable[[str], int], max_tokens: int = 320)
     ]
 
 
+def sentences(text: Text, count_tokens: Callable[[str], int], max_tokens: int) -> list[Span]:
+    """The sentences of `text`'s paragraphs, in order, each an exact slice: the units qa/evidence.py ranks. A block
+    without sentence ends (code, a list) stays whole while it fits `max_tokens`; a longer one is cut into lines,
+    then windows, as split() cuts what does not fit."""
+    cutter = _Cutter(text.text, count_tokens, max_tokens)
+    return cutter.fit([s for p in _paragraphs(text) for s in _sentences(text.text, *p)], depth=len(_FINER) - 1)
+
+
 def _paragraphs(text: Text) -> list[tuple[int, int]]:
     """Runs of non-blank lines, from the start of the first line (indentation kept) to the end of the last."""
     spans = []

@@ -113,6 +113,10 @@ class Bank:
         """The live document `doc_id`; MsaError if the bank has none of that id (never had, or removed)."""
         return self._snapshot.document(doc_id)
 
+    def document_keys(self, doc_id: int) -> Tensor:
+        """The routing keys of the live document `doc_id` [key_count, Hr, d], in its text's order (memory-mapped)."""
+        return self._snapshot.document_keys(doc_id)
+
     def has_document(self, doc_id: int) -> bool:
         """Whether the bank holds a live document `doc_id` (an id a model names may be none)."""
         return self._snapshot.has_document(doc_id)

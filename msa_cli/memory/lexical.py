@@ -29,25 +29,26 @@ FILES = "files.json"       # name -> {size, sha256} of every other file of a sav
 
 
 class LexicalIndex:
-    def __init__(self, retriever, doc_ids: Tensor):
+    def __init__(self, retriever, doc_ids: Tensor, stopwords: str = "en"):
         self.retriever = retriever
         self.doc_ids = doc_ids            # ascending: row i of the index is document doc_ids[i]
+        self.stopwords = stopwords        # bm25s' name of the list: "en" (Lucene's 33) or "en_plus" (NLTK's 179)
 
     @classmethod
-    def build(cls, texts: list[str], doc_ids: list[int]) -> "LexicalIndex":
+    def build(cls, texts: list[str], doc_ids: list[int], stopwords: str = "en") -> "LexicalIndex":
         import bm25s
 
         retriever = bm25s.BM25()
         if texts:
-            retriever.index(tokenize(texts), show_progress=False)
-        return cls(retriever, torch.tensor(doc_ids, dtype=torch.long))
+            retriever.index(tokenize(texts, stopwords=stopwords), show_progress=False)
+        return cls(retriever, torch.tensor(doc_ids, dtype=torch.long), stopwords)
 
     def scores(self, text: str) -> Tensor:
         """BM25 score of every document for `text`, in doc_ids order (fp32)."""
         if self.doc_ids.numel() == 0:
             return torch.zeros(0)
         vocab = self.retriever.vocab_dict
-        words = [w for w in tokenize([text], ids=False)[0] if w in vocab]
+        words = [w for w in tokenize([text], ids=False, stopwords=self.stopwords)[0] if w in vocab]
         if not words:
             return torch.zeros(self.doc_ids.shape[0])
         return torch.from_numpy(np.asarray(self.retriever.get_scores(words), dtype=np.float32))
@@ -60,10 +61,10 @@ class LexicalIndex:
         return float(np.log(1 + (n - 0.5) / 1.5)) if n > 1 else 1.0
 
 
-def tokenize(texts: list[str], ids: bool = True):
+def tokenize(texts: list[str], ids: bool = True, stopwords: str = "en"):
     import bm25s
 
-    return bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=ids)
+    return bm25s.tokenize(texts, stopwords=stopwords, show_progress=False, return_ids=ids)
 
 
 def _key(doc_ids: list[int]) -> str:

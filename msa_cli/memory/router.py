@@ -208,6 +208,17 @@ class Router:
         folded = torch.zeros(q.shape[0], len(key_heads), q.shape[2], device=q.device).index_add_(1, key_of_head, q)
         return folded * (len(key_heads) / len(heads))
 
+    def key_starts(self, token_starts: list[int]) -> list[int]:
+        """Where each of a document's keys starts, given where each of its tokens starts (as `keys` groups them:
+        the first token left out unless the router is an MSA checkpoint's)."""
+        skip = int(self.spec.kind != "msa")
+        return token_starts[skip::self.spec.granularity]
+
+    def similarity(self, q: Tensor, keys: Tensor) -> Tensor:
+        """Each routing token's score against each key, mean over heads as the scan computes it:
+        q [T, Hr, d], keys [K, Hr, d] -> [T, K] fp32."""
+        return torch.einsum("thd,khd->tk", q.float(), keys.to(q.device).float()) / q.shape[1]
+
     def scores(self, q: Tensor, segments, layer: int | None = None) -> tuple[Tensor, Tensor]:
         """Score every live document of the bank's routing segments -> (doc_ids [N], scores [N] fp32, on the
         CPU). layer: only that layer's keys (q from query(..., layer))."""

@@ -190,6 +190,10 @@ class Snapshot:
     def document(self, doc_id: int) -> Document:
         return self._locate(doc_id)[1]
 
+    def document_keys(self, doc_id: int) -> Tensor:
+        seg, doc = self._locate(doc_id)
+        return seg.keys[doc.key_start:doc.key_start + doc.key_count]
+
     def has_document(self, doc_id: int) -> bool:
         try:
             self._locate(doc_id)

@@ -31,6 +31,23 @@ def source_line(source: dict) -> str:
     return f"[{source['n']}] {cite(source['path'], source)}  ({source['score']:.2f}{hop})"
 
 
+QUOTED = 2   # evidence sentences the text output quotes under each source, best first
+
+
+def quote_lines(source: dict, evidence: list[dict]) -> list[str]:
+    """A source's best evidence sentences (Evidence.to_json) as the text output quotes them under it:
+    `    45-46: text`, whitespace collapsed (--json keeps the text verbatim)."""
+    out = []
+    for e in [e for e in evidence if e["n"] == source["n"]][:QUOTED]:
+        if e["page"] is not None:
+            where = f"p. {e['page']}"
+        else:
+            start, end = e["line_start"], e["line_end"]
+            where = f"{start}" if start == end else f"{start}-{end}"
+        out.append(f"    {where}: {' '.join(e['text'].split())}")
+    return out
+
+
 def shown_path(source: str) -> str:
     """A document's source (an absolute path) as people read it: relative to the working directory when it lies
     below it, as ripgrep and compilers show paths; JSON output keeps the absolute path."""
@@ -38,10 +55,10 @@ def shown_path(source: str) -> str:
     return os.path.relpath(source, cwd) if source.startswith(cwd.rstrip(os.sep) + os.sep) else source
 
 
-def text_prompt(tokenizer, question: str, docs: list[Document]) -> list[int]:
-    """The chat prompt for the original-text path: numbered sources, then the question."""
-    sources = "\n\n".join(f"[{n}] {citation(d)}\n{d.text}" for n, d in enumerate(docs, 1))
-    user = f"Sources:\n\n{sources}\n\nQuestion: {question}" if docs else f"Question: {question}"
+def text_prompt(tokenizer, question: str, sources: list[tuple[str, str]]) -> list[int]:
+    """The chat prompt for the original-text path: numbered sources ((citation, text) each), then the question."""
+    shown = "\n\n".join(f"[{n}] {where}\n{text}" for n, (where, text) in enumerate(sources, 1))
+    user = f"Sources:\n\n{shown}\n\nQuestion: {question}" if sources else f"Question: {question}"
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 

@@ -54,10 +54,13 @@ class Retrieval:
 
 
 def retrieve(route: Callable[[str, int], list[Hit]], question: str, k: int, max_hops: int,
-             relevant: Callable[[Hit], bool], abstain: bool = True) -> Retrieval:
+             relevant: Callable[[Hit], bool], abstain: bool = True,
+             read_back: Callable[[Hit], str] = lambda hit: hit.document.text) -> Retrieval:
     """Route in up to `max_hops` hops. Hop 1 reads the k best documents when any of them is relevant (else
     nothing: abstain; with abstain=False, whatever it finds); a later hop adds the relevant ones among its k best
-    new documents, at most k // 2 of them: more would crowd the model's context for little (BENCHMARKS.md)."""
+    new documents, at most k // 2 of them: more would crowd the model's context for little (BENCHMARKS.md).
+    A later hop routes on the question plus `read_back` of the best document just added (its whole text, or
+    the sentences of it that bear on the question: qa/evidence.py)."""
     out = Retrieval()
     read: set[int] = set()
     text = question
@@ -74,5 +77,5 @@ def retrieve(route: Callable[[str, int], list[Hit]], question: str, k: int, max_
         out.hits += chosen
         out.hop_of += [hop] * len(chosen)
         read |= {h.document.doc_id for h in chosen}
-        text = "\n\n".join([question, *(h.document.text for h in chosen[:READ_BACK])])
+        text = "\n\n".join([question, *(read_back(h) for h in chosen[:READ_BACK])])
     return out
