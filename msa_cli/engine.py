@@ -31,6 +31,7 @@ BANK_DTYPE = torch.bfloat16   # what the bank stores, whatever the CPU computes 
 class Engine:
     def __init__(self, model: Model, bank: Bank, router: Router, mode: Mode):
         self.model, self.bank, self.router, self.mode = model, bank, router, mode
+        self._last_query: tuple[str | None, Tensor | None] = (None, None)   # routing_query's last text and query
 
     @classmethod
     def open(cls, model: Model, bank_path: Path, create: bool = False,
@@ -79,14 +80,20 @@ class Engine:
 
     def route(self, text: str, k: int, fuse: bool = True) -> list[Hit]:
         """The k documents for `text`, best first (memory/search.py)."""
-        q = routing_query(self.model.backbone, self.model.tokenizer, self.router, text)
-        return search(self.bank, self.router, q, text, k, fuse)
+        return search(self.bank, self.router, self.routing_query(text), text, k, fuse)
+
+    def routing_query(self, text: str) -> Tensor:
+        """The router's query vectors for `text` (encoder.routing_query), the last one kept: `ask` routes hop 1
+        on the question, then scores the sentences it reads with the same query (key_scores)."""
+        if self._last_query[0] != text:
+            self._last_query = (text, routing_query(self.model.backbone, self.model.tokenizer, self.router, text))
+        return self._last_query[1]
 
     def key_scores(self, text: str, units: list[tuple[Document, tuple[int, int]]]) -> list[float]:
         """The router's score of `text` for each unit (document, (start, end) in its text): its aggregate over
         routing tokens of each token's best key within the unit, as it scores documents (0 for a unit holding
         no key's start)."""
-        q = routing_query(self.model.backbone, self.model.tokenizer, self.router, text)
+        q = self.routing_query(text)
         per_doc: dict[int, tuple[Tensor, Tensor]] = {}   # doc id -> (similarity [T, K], key starts [K])
         out = []
         for doc, (start, end) in units:

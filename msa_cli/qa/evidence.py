@@ -5,9 +5,8 @@ the answer: it answers twice as often from the gold passage alone (BENCHMARKS.md
 found are cut into sentences (corpus/splitter.sentences: a code block without sentence ends stays whole, a long
 sentence becomes lines), the sentences are ranked for the question by BM25 among them, fused with the router's
 own keys inside each sentence (Engine.key_scores), and the reader reads the best few, each with its neighbours,
-in each document's own order. Under the answer, the sentences read
-that say what the answer says are quoted with `path:line` (or `path:page`) citations, so a user can check what
-says what.
+in each document's own order. Under the answer, the sentences read that say what the answer says are quoted
+with `path:line` (or `path:page`) citations, so a user can check what says what.
 """
 
 from __future__ import annotations
