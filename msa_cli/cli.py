@@ -113,7 +113,7 @@ def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] =
     engine = open_engine(bank, model, device=device)
     count = counter(engine.model.tokenizer)
     for rank, hit in enumerate(engine.route(query, top_k), 1):
-        d, line = hit.document, best_line(query, hit.document, count).to_json()
+        d, line = hit.document, best_line(query, hit.document, count, settings.ANSWER_TYPE_BONUS).to_json()
         if as_json:
             print(json.dumps({"rank": rank, "doc_id": d.doc_id, "path": d.source, **d.span,
                               "score": round(hit.score, 4), "evidence": {**line, "n": rank}}))

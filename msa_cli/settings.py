@@ -30,6 +30,10 @@ FUSION_WEIGHT = 0.7
 EVIDENCE = 3
 NEIGHBOURS = 1
 EVIDENCE_ROUTER_WEIGHT = 0.5
+# Which read sentences are quoted first: BM25 for question and answer, standardised, plus this for one that holds
+# the kind of answer the question asks for (a date for "when": qa/expected.py), fitted on NQ train. It does not
+# choose what is read: there it was measured to read no more answers (BENCHMARKS.md, "Evidence").
+ANSWER_TYPE_BONUS = 2.0
 # What Memory Interleave's later hops route on besides the question: the best document just read, its best
 # READ_BACK_SENTENCES sentences for the question (0: all of it), measured by benchmarks/interleave_recall.py.
 READ_BACK_SENTENCES = 0

@@ -120,7 +120,7 @@ def answer_from(engine: Engine, question: str, retrieval: Retrieval, opts: Optio
     text = tok.decode(out, skip_special_tokens=True).strip()
     text = text if opts.long else sentence_of(text)
     if opts.context != "pooled":
-        evidence = attribute(question, text, [e for x in found[:n] for e in x.read])
+        evidence = attribute(question, text, [e for x in found[:n] for e in x.read], settings.ANSWER_TYPE_BONUS)
     return Answer(question, text, retrieval, read, len(out), timings, evidence=evidence)
 
 

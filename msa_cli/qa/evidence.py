@@ -6,7 +6,8 @@ found are cut into sentences (corpus/splitter.sentences: a code block without se
 sentence becomes lines), the sentences are ranked for the question by BM25 among them, fused with the router's
 own keys inside each sentence (Engine.key_scores), and the reader reads the best few, each with its neighbours,
 in each document's own order. Under the answer, the sentences read that say what the answer says are quoted
-with `path:line` (or `path:page`) citations, so a user can check what says what.
+with `path:line` (or `path:page`) citations, so a user can check what says what; among them, one that holds the
+kind of answer asked for (a date for "when": qa/expected.py) comes first.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..corpus.splitter import sentences
 from ..errors import MsaError
 from ..memory.bank import Document
 from ..memory.lexical import LexicalIndex, fused
+from .expected import answer_test
 
 UNIT_TOKENS = 64     # a sentence longer than this is cut into lines, then windows
 
@@ -93,17 +95,33 @@ def excerpts(question: str, docs: list[Document], count_tokens: Callable[[str], 
     return out
 
 
-def attribute(question: str, answer: str, read: list[Evidence]) -> list[Evidence]:
-    """The sentences read, best first, scored by BM25 for the question and the answer together: the lines that
-    say what the answer says (a command quoted from a code block shares no word with the question that asked
-    for it). Ties keep the reading order."""
-    scores = bm25(f"{question}\n{answer}", [e.text for e in read]).tolist()
+def attribute(question: str, answer: str, read: list[Evidence], bonus: float = 0.0) -> list[Evidence]:
+    """The sentences read, best first, scored by BM25 for the question and the answer together (a command quoted
+    from a code block shares no word with the question that asked for it), standardised, plus `bonus` for one
+    that holds the kind of answer the question asks for: the lines that say what the answer says. Ties keep the
+    reading order."""
+    scores = typed(question, bm25(f"{question}\n{answer}", [e.text for e in read]), [e.text for e in read], bonus)
     return [replace(read[i], score=scores[i]) for i in sorted(range(len(read)), key=lambda i: -scores[i])]
 
 
-def best_line(question: str, doc: Document, count_tokens: Callable[[str], int]) -> Evidence:
-    """The sentence of `doc` that BM25 ranks best for the question (`msa search` shows it under each hit)."""
-    return excerpts(question, [doc], count_tokens, budget=1, neighbours=0)[0].read[0]
+def best_line(question: str, doc: Document, count_tokens: Callable[[str], int], bonus: float = 0.0) -> Evidence:
+    """The sentence of `doc` that BM25 ranks best for the question, plus `bonus` as attribute() gives it (`msa
+    search` shows it under each hit)."""
+    spans = sentence_spans(doc, count_tokens)
+    texts = [doc.text[s:e] for s, e in spans]
+    scores = typed(question, bm25(question, texts), texts, bonus)
+    best = max(range(len(spans)), key=lambda i: scores[i])   # max() keeps the first of equals: the text's order
+    return cited(1, doc, *spans[best], scores[best], line_map(doc))
+
+
+def typed(question: str, scores: torch.Tensor, texts: list[str], bonus: float) -> list[float]:
+    """Scores standardised (lexical.fused's z), each text holding the kind of answer asked for raised by `bonus`;
+    the scores as they are when the question asks for no kind this knows, or bonus is 0."""
+    test = answer_test(question) if bonus else None
+    if test is None:
+        return scores.tolist()
+    z = fused(torch.zeros_like(scores), scores, 0.0)
+    return [float(v) + bonus * test(t) for v, t in zip(z.tolist(), texts)]
 
 
 def best_sentences(question: str, doc: Document, count_tokens: Callable[[str], int], n: int) -> str:
