@@ -5,11 +5,12 @@ neighbours), and whether the answer stops at its first sentence. Nothing here se
 
 The set is NQ train questions 1..500 over their own gold passages (as nq-dev is built from dev: router_recall.py),
 answered by `msa ask`'s path (default routing, 3 + 1 + 1 documents, abstention, 32-token greedy answers) for the
-first --questions of them. A variant is `read/stop`: read is `passages` or `evidence-B-N[-wW][-bX]` (B sentences, N
-neighbours on either side; ranked by BM25, or with -wW fused with the router's keys at weight W; -bX: a sentence
-holding the kind of answer asked for is quoted first, by X: settings.ANSWER_TYPE_BONUS); stop is `long` (to the token budget) or `first`
-(the first sentence); an optional third part names the prompt (PROMPTS: `cite`, msa's, by default; `few`, which
-asks for a few words after the question). Prints one JSON line per variant, then a markdown table.
+first --questions of them. A variant is `read/stop`: read is `passages` or `evidence-B-N[-wW][-bX]` (B sentences,
+N neighbours on either side; ranked by BM25, or with -wW fused with the router's keys at weight W; -bX: a
+sentence holding the kind of answer asked for is quoted first, by X: settings.ANSWER_TYPE_BONUS); stop is `long`
+(to the token budget) or `first` (the first sentence); an optional third part names the prompt (PROMPTS: `cite`,
+msa's, by default; `few`, which asks for a few words after the question). Prints one JSON line per variant, then
+a markdown table.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def answer_test(question: str) -> Callable[[str], bool] | None:
     """A test of whether a sentence holds the kind of answer the question asks for; None when it asks for no
     kind this knows."""
     q = question.strip().lower()
-    if re.match(r"(when|what year|which year|what date)\b", q) or re.search(r"\bwhen\b", q):
+    if re.match(r"(what year|which year|what date)\b", q) or re.search(r"\bwhen\b", q):
         return lambda text: bool(_DATE.search(text))
     if re.search(r"\bhow (many|much|long|old|far|tall|big)\b", q):
         return lambda text: bool(_NUMBER.search(text))
