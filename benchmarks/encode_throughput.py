@@ -77,7 +77,7 @@ def main() -> None:
     cfg = model.backbone.cfg
     mode = mode_for(model)
     router = Router(mode.default_router())
-    settings = bank_settings(mode, router.spec)
+    settings = bank_settings(mode, router.spec, content=True)
     texts = passages(args.passages)
     docs = [mode.document_tokens(t, 0) for t in texts]
     n_tokens = sum(map(len, docs))

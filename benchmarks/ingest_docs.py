@@ -6,9 +6,11 @@ Runs `msa ingest` as a user would (a fresh process each time, default model) on 
      the share parsing + writing add on top of stage 1, peak RSS, bank size;
   2. re-ingest of the unchanged tree, as a share of the first run's time;
   3. re-ingest after changing 1% of the files.
+With --content kv none, run 1 is repeated into a fresh bank for each (`msa ingest --content`), in the same run, and
+runs 2 and 3 use the first one's bank.
 
     python benchmarks/ingest_docs.py                      # downloads the .deb with apt-get (Debian mirror)
-    python benchmarks/ingest_docs.py --deb python3.11-doc_*.deb --only tutorial howto
+    python benchmarks/ingest_docs.py --deb python3.11-doc_*.deb --only tutorial howto --content kv none
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ def sources_tree(deb: str | None, work: Path) -> Path:
     return work / "deb" / SOURCES
 
 
-def run_ingest(tree: Path, bank: Path) -> dict:
+def run_ingest(tree: Path, bank: Path, content: str | None = None) -> dict:
     """One `msa ingest` process: wall seconds, peak RSS (MiB), and the bank's record of the ingest."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "msa_cli.cli", "ingest", str(tree), "--bank", str(bank), "-q"],
-                            stderr=subprocess.PIPE, text=True)
+    extra = ["--content", content] if content else []
+    proc = subprocess.Popen([sys.executable, "-m", "msa_cli.cli", "ingest", str(tree), "--bank", str(bank), "-q",
+                             *extra], stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -50,11 +53,31 @@ def run_ingest(tree: Path, bank: Path) -> dict:
             "warnings": proc.stderr.read().count("warning")}
 
 
+def report_first(first: dict, content: str | None) -> None:
+    last, st = first["status"]["last_ingest"], first["status"]
+    tokens, ingest_s, encode_s = last["tokens"], last["seconds"], last["encode_seconds"]
+    bank_bytes = sum(st["bytes_on_disk"].values())
+    print(f"\n1. first ingest{f' (--content {content})' if content else ''}: {last['ingested']} files, "
+          f"{st['documents']} documents, {tokens:,} tokens, {first['warnings']} warnings")
+    print(f"   process wall      {first['wall']:8.1f} s   (includes starting Python and loading the model)")
+    print(f"   ingest            {ingest_s:8.1f} s   {last['ingested'] / ingest_s:6.2f} files/s   "
+          f"{tokens / ingest_s:7.0f} tok/s end to end")
+    print(f"   stage 1 alone     {encode_s:8.1f} s   {'':17}{tokens / encode_s:7.0f} tok/s")
+    print(f"     scan (read, parse, split) {last['scan_seconds']:.1f} s, write {last['write_seconds']:.1f} s, "
+          f"other {ingest_s - last['scan_seconds'] - encode_s - last['write_seconds']:.1f} s")
+    print(f"   on top of stage 1 {100 * (ingest_s - encode_s) / encode_s:7.1f} %   (target <= 10%)")
+    print(f"   peak RSS          {first['rss_mib']:8.0f} MiB")
+    print(f"   bank              {bank_bytes / 1e6:8.1f} MB   {bank_bytes / tokens:.0f} B/token  "
+          + ", ".join(f"{k} {v / tokens:.1f}" for k, v in st["bytes_on_disk"].items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deb", help="python3.11-doc .deb (default: apt-get download it)")
     ap.add_argument("--only", nargs="*", help="top-level folders of _sources to keep (default: all)")
     ap.add_argument("--touch", type=float, default=0.01, help="share of files changed for the third run")
+    ap.add_argument("--content", nargs="+", choices=["kv", "none"], default=[None],
+                    help="what the banks keep (msa ingest --content); several: run 1 once for each")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,24 +90,13 @@ def main() -> None:
         files = sorted(p for p in tree.rglob("*") if p.is_file())
         size = sum(p.stat().st_size for p in files)
         print(f"corpus: {len(files)} files, {size / 1e6:.1f} MB of reStructuredText ({', '.join(args.only or ['all'])})")
-        bank = work / "bank"
-
-        first = run_ingest(tree, bank)
-        last, st = first["status"]["last_ingest"], first["status"]
-        tokens, ingest_s, encode_s = last["tokens"], last["seconds"], last["encode_seconds"]
-        bank_bytes = sum(st["bytes_on_disk"].values())
-        print(f"\n1. first ingest: {last['ingested']} files, {st['documents']} documents, {tokens:,} tokens, "
-              f"{first['warnings']} warnings")
-        print(f"   process wall      {first['wall']:8.1f} s   (includes starting Python and loading the model)")
-        print(f"   ingest            {ingest_s:8.1f} s   {last['ingested'] / ingest_s:6.2f} files/s   "
-              f"{tokens / ingest_s:7.0f} tok/s end to end")
-        print(f"   stage 1 alone     {encode_s:8.1f} s   {'':17}{tokens / encode_s:7.0f} tok/s")
-        print(f"     scan (read, parse, split) {last['scan_seconds']:.1f} s, write {last['write_seconds']:.1f} s, "
-              f"other {ingest_s - last['scan_seconds'] - encode_s - last['write_seconds']:.1f} s")
-        print(f"   on top of stage 1 {100 * (ingest_s - encode_s) / encode_s:7.1f} %   (target <= 10%)")
-        print(f"   peak RSS          {first['rss_mib']:8.0f} MiB")
-        print(f"   bank              {bank_bytes / 1e6:8.1f} MB   {bank_bytes / tokens:.0f} B/token  "
-              + ", ".join(f"{k} {v / tokens:.1f}" for k, v in st["bytes_on_disk"].items()))
+        runs = []
+        for content in args.content:
+            bank = work / f"bank-{content or 'default'}"
+            runs.append((bank, run_ingest(tree, bank, content)))
+            report_first(runs[-1][1], content)
+        bank, first = runs[0]
+        ingest_s = first["status"]["last_ingest"]["seconds"]
 
         second = run_ingest(tree, bank)
         last2 = second["status"]["last_ingest"]

@@ -1,4 +1,4 @@
-"""Recall@5 and answer accuracy against memory size: the MSA paper's scaling claim, measured from 16K to 1M.
+"""Recall@5 and answer accuracy against memory size: the MSA paper's scaling claim, measured from 16K to 10M.
 
     python benchmarks/scaling_curve.py --eval-dir /tmp/eval --dev-sets /tmp/msa-router-recall [--questions 100]
         [--sizes 16K 64K 256K 1M] [--full-questions 30 --full-sizes 16K 1M | --no-generate] [--results runs.jsonl]
@@ -6,8 +6,9 @@
 
 The same NQ dev questions (1501 onwards) at every size. 16K, 64K and 256K: their gold passages plus the
 2wiki paragraphs kept out of router training, up to the size; 1M: router_recall.py's nq-dev-1m (all NQ dev gold
-passages, that 2wiki half, linux-doc-6.1;
---dev-sets is router_recall.py's --work). Each size is one `msa eval --json` run (MSA with the default router
+passages, that 2wiki half, linux-doc-6.1); 10M: nq-dev-10m, grown the same way with linux-doc-6.1 and
+sqlite3-doc (--dev-sets is router_recall.py's --work, where `router_recall.grown` makes them; 10M only when
+asked for in --sizes). Each size is one `msa eval --json` run (MSA with the default router
 and hops, BM25-RAG and dense-RAG reading as many documents) and, for the first --full-questions questions, one
 with "full" (the whole bank in a fixed shuffled order, as much as fits the model's window, beside MSA on the same
 questions), so every figure is what a user's `msa eval` prints. On this 2-core CPU a size takes about 15
@@ -33,7 +34,7 @@ from wiki_split import distractor_half
 import numpy as np
 
 DEV_START = 1500
-SIZES = {"16K": 16_384, "64K": 65_536, "256K": 262_144, "1M": None}
+SIZES = {"16K": 16_384, "64K": 65_536, "256K": 262_144, "1M": None, "10M": None}   # None: a set in --dev-sets
 SYSTEMS = ("msa", "msa-learned", "bm25", "dense", "full", "msa-subset")   # msa-learned: the router alone, no answers
 COUNTS = ("questions", "first_token_ms_p50", "answer_ms_p50")   # table cells printed as whole numbers
 PROJECT_TO = 100_000_000   # the paper's largest memory: projected from the measured sizes, not measured
@@ -76,7 +77,7 @@ def main() -> None:
     ap.add_argument("--eval-dir", type=Path, required=True)
     ap.add_argument("--dev-sets", type=Path, required=True, help="router_recall.py's --work (nq-dev-1m)")
     ap.add_argument("--questions", type=int, default=100)
-    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--sizes", nargs="+", default=["16K", "64K", "256K", "1M"], choices=list(SIZES))
     ap.add_argument("--full-questions", type=int, default=30,
                     help="the full-context baseline (the slowest: a whole window per answer) answers only the first "
                          "N questions, in a second run that also reports MSA on them; 0 skips it")
@@ -108,7 +109,7 @@ def main() -> None:
     @functools.cache   # a size's set is built (and its files tokenised) once, though two runs may use it
     def set_dir(size: str) -> Path:
         if SIZES[size] is None:
-            return args.dev_sets / "nq-dev-1m"   # its questions start at 1501 too
+            return args.dev_sets / f"nq-dev-{size.lower()}"   # their questions start at 1501 too
         return grown_set(nq, args.eval_dir / "2wiki" / "corpus", questions, SIZES[size], args.work / size)
 
     for size in args.sizes:

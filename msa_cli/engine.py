@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import settings as defaults
 from .corpus.splitter import Passage
-from .errors import BankMismatch
+from .errors import USAGE, BankMismatch, MsaError
 from .memory.bank import Bank, Document, NewDocument
 from .memory.encoder import Encoded, encode, routing_query, template_kv
 from .memory.mode import Mode, mode_for
@@ -33,19 +33,32 @@ class Engine:
         self.model, self.bank, self.router, self.mode = model, bank, router, mode
         self._last_query: tuple[str | None, Tensor | None] = (None, None)   # routing_query's last text and query
 
+    @property
+    def content_layers(self) -> list[int]:
+        """The layers whose pooled K/V the bank keeps (none: a bank made with --content none)."""
+        return list(self.bank.settings["content_layers"])
+
     @classmethod
     def open(cls, model: Model, bank_path: Path, create: bool = False,
-             new_router: RouterSpec | None = None) -> "Engine":
+             new_router: RouterSpec | None = None, content: bool | None = None) -> "Engine":
         """An existing bank is read with the router it was indexed with; a new one gets `new_router`, by default
-        the mode's default router."""
+        the mode's default router. content: whether the bank keeps pooled content K/V (the cold tier); None: as
+        the bank already does, or for a new one settings.CONTENT (an MSA checkpoint's always keeps them)."""
         mode = mode_for(model)
         if Bank.exists(bank_path):
             bank = Bank.open(bank_path)
             spec = stored_router(bank, mode)
-            bank.check_settings(bank_settings(mode, spec))
+            kept = bool(bank.settings["content_layers"])
+            if content is not None and content != kept:
+                raise MsaError(f"bank {bank_path} was made with --content {'kv' if kept else 'none'}: ingest "
+                               f"into a new bank to change it", USAGE)
+            bank.check_settings(bank_settings(mode, spec, kept))
         elif create:
             spec = new_router or mode.default_router()
-            bank = Bank.open_or_create(bank_path, bank_settings(mode, spec),
+            content = (mode.generative or defaults.CONTENT == "kv") if content is None else content
+            if mode.generative and not content:
+                raise MsaError("an MSA checkpoint reads its memory's pooled K/V: it needs --content kv", USAGE)
+            bank = Bank.open_or_create(bank_path, bank_settings(mode, spec, content),
                                        lambda: template_kv(model.backbone, model.tokenizer, BANK_DTYPE),
                                        router_file_contents(spec, {}))
         else:
@@ -60,7 +73,7 @@ class Engine:
         give the documents)."""
         first = self.bank.next_doc_id
         token_ids = [self.mode.document_tokens(p.text, first + i) for i, p in enumerate(passages)]
-        encoded = encode(self.model.backbone, token_ids, list(self.mode.content_layers), self.router,
+        encoded = encode(self.model.backbone, token_ids, self.content_layers, self.router,
                          self.mode.pooling, BANK_DTYPE, defaults.PACK_TOKENS, on_pack=on_tokens)
         encoded.first_doc_id = first
         return encoded
@@ -142,7 +155,10 @@ class Engine:
         the template head and its positions start at len(template) + k (digest §2)."""
         backbone = self.model.backbone
         doc_ids = [h.document.doc_id for h in hits]
-        memory = Memory({layer: self.bank.load_content(doc_ids, layer)[:2] for layer in self.mode.content_layers})
+        if not self.content_layers:
+            raise MsaError(f"bank {self.bank.path} keeps no pooled K/V (ingested with --content none): read the "
+                           f"documents' text (--context text), or ingest into a bank made with --content kv", USAGE)
+        memory = Memory({layer: self.bank.load_content(doc_ids, layer)[:2] for layer in self.content_layers})
         cache = KVCache.from_prefix(self.bank.template_kv(), backbone.cfg.n_layers, backbone.dtype, backbone.device)
         return Decoder(backbone).generate(question_ids, cache=cache, start_position=cache.length + len(hits),
                                           max_new_tokens=max_new_tokens, memory=memory,
@@ -150,13 +166,14 @@ class Engine:
                                           no_repeat_ngram=defaults.NO_REPEAT_NGRAM)
 
 
-def bank_settings(mode: Mode, router: RouterSpec) -> dict:
-    """Everything a bank's tensors depend on: opening a bank with different values is an error."""
+def bank_settings(mode: Mode, router: RouterSpec, content: bool) -> dict:
+    """Everything a bank's tensors depend on: opening a bank with different values is an error. Without
+    content the bank keeps no content layers, and stage 1 stops at the router's last layer."""
     cfg = mode.model.backbone.cfg
     return {
         "model": mode.model.identity,
         "pooling": mode.pooling,
-        "content_layers": list(mode.content_layers),
+        "content_layers": list(mode.content_layers) if content else [],
         "dtype": str(BANK_DTYPE).removeprefix("torch."),
         "kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
@@ -170,7 +187,7 @@ def reindex(model: Model, bank_path: Path, spec: RouterSpec, on_tokens=None) -> 
     """Recompute a bank's routing keys with another router (stage 1 up to its last routing layer only); content,
     documents and text stay as they are. False when the bank already holds this router's keys."""
     bank, mode = Bank.open(bank_path), mode_for(model)   # the bank's own router need not be at hand
-    settings = bank_settings(mode, spec)
+    settings = bank_settings(mode, spec, bool(bank.settings["content_layers"]))
     with bank.lock():
         bank.check_settings({**settings, "router": bank.settings["router"]})   # the same model and layout
         if bank.settings["router"]["id"] == spec.id:

@@ -37,6 +37,15 @@ ANSWER_TYPE_BONUS = 2.0
 # What Memory Interleave's later hops route on besides the question: the best document just read, its best
 # READ_BACK_SENTENCES sentences for the question (0: all of it), measured by benchmarks/interleave_recall.py.
 READ_BACK_SENTENCES = 0
+# What a new bank of a plain model keeps besides routing keys and text: "kv", the pooled content K/V of the upper
+# layers (the cold tier, read only by `--context pooled`), or "none": stage 1 then stops at the router's last
+# layer, measured 3.4x faster and 2.8x smaller (BENCHMARKS.md, "Ingest"), and the default reader reads text.
+# An MSA checkpoint, which reads its memory's pooled K/V, always keeps them.
+CONTENT = "none"
+# Above this many routing keys (one per memory token for the default router), a question is routed through the
+# coarse keys on a CPU (memory/coarse.py) instead of scanning every key; measured for recall and time by
+# benchmarks/scale.py (BENCHMARKS.md, "100M tokens").
+EXACT_SCAN_KEYS = 4_000_000
 PACK_TOKENS = 2048             # tokens per stage-1 forward when packing documents (measured: 2048 >= 4096 > 1024)
 
 

@@ -475,9 +475,9 @@ def test_a_commit_reuses_what_it_does_not_change(tmp_path, monkeypatch):
     append(bank, make_batch(2, "b"))
     before, keys_before = bank.documents(), [s.keys for s in bank.routing_segments()]
     read = []
-    real_read = check.read_documents
-    monkeypatch.setattr(check, "read_documents", lambda path, *args: (read.append(path.parent.name),
-                                                                      real_read(path, *args))[1])
+    real_parse = check.parse_documents
+    monkeypatch.setattr(check, "parse_documents", lambda path, *args: (read.append(path.parent.name),
+                                                                        real_parse(path, *args))[1])
     with bank.lock():
         bank.append(*make_batch(4, "c"))
         bank.remove([1])

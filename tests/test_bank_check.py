@@ -70,8 +70,9 @@ def edit_manifest(path: Path, edit) -> None:
 
 
 def refused(path: Path, file_part: str) -> str:
+    """Damage is refused when the bank opens, or (documents.jsonl, parsed on first use) when it is first read."""
     with pytest.raises(BankMismatch) as e:
-        Bank.open(path)
+        Bank.open(path).documents()
     message = str(e.value)
     assert "\n" not in message and file_part in message, message
     return message
@@ -83,7 +84,8 @@ def test_a_sound_bank_checks_clean_and_records_every_file(toy):
     manifest = json.loads((toy / "manifest.json").read_text())
     assert set(manifest["files"]) == {"template.safetensors", "router.native.safetensors"}
     for entry in manifest["segments"]:
-        assert set(entry["files"]) == {"documents.jsonl", "content.safetensors", "route.native.safetensors"}
+        assert set(entry["files"]) == {"documents.jsonl", "content.safetensors", "route.native.safetensors",
+                                      "coarse.native.safetensors"}
         for name, record in entry["files"].items():
             data = (toy / "segments" / entry["name"] / name).read_bytes()
             assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -395,12 +397,13 @@ def write_corpus(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_master(tiny_env, tmp_path_factory):
-    """A bank of two segments (a.md first, then the rest), with its lexical index saved."""
+    """A bank of two segments (a.md first, then the rest) keeping pooled K/V, with its lexical index saved."""
     root = tmp_path_factory.mktemp("cli")
     corpus = write_corpus(root / "docs")
     bank = root / "bank"
     for target in (corpus / "a.md", corpus):
-        r = msa(tiny_env, "ingest", str(target), "--bank", str(bank), "--passage-tokens", "64", "-q")
+        r = msa(tiny_env, "ingest", str(target), "--bank", str(bank), "--passage-tokens", "64", "-q",
+                "--content", "kv")
         assert r.returncode == 0, r.stderr
     assert len(list((bank / "lexical").iterdir())) == 1   # saved by the writer; the suite damages it too
     return corpus, bank
@@ -465,7 +468,8 @@ def damage_of(name: str, damage: str):
 # The files of a bank made as cli_master makes it, named generically (segment names are random).
 CLI_FILES = (["manifest.json", "template.safetensors", "router.ROUTER.safetensors"]
              + [f"segments/{i}/{f}" for i in (0, 1)
-                for f in ("documents.jsonl", "content.safetensors", "route.ROUTER.safetensors")]
+                for f in ("documents.jsonl", "content.safetensors", "route.ROUTER.safetensors",
+                          "coarse.ROUTER.safetensors")]
              + [f"lexical/KEY/{f}" for f in ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy",
                                               "doc_ids.npy", "params.index.json", "vocab.index.json", "files.json")])
 

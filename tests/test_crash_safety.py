@@ -3,6 +3,7 @@ bank opens (or, when the crash came before the first commit, the directory takes
 nothing wrong, and running the same command again ends with exactly the documents of a run that never crashed:
 every file's passages once, none twice, none lost."""
 
+import json
 import os
 import shutil
 import signal
@@ -200,10 +201,39 @@ def test_crash_while_reindexing(tiny_env, corpus, two_segments, router_file, tmp
     assert contents(bank, corpus) == contents(two_segments, corpus)
     files = sorted(p.name for p in bank.rglob("*.safetensors"))
     assert files == sorted(["template.safetensors", f"router.{new_id}.safetensors"]
-                           + ["content.safetensors", f"route.{new_id}.safetensors"] * 2)
+                           + ["content.safetensors", f"route.{new_id}.safetensors", f"coarse.{new_id}.safetensors"] * 2)
 
 
-CRASH_POINTS = sorted(set(FRESH_INGEST + ["append:renamed"] + REPLACING + FORGET + REINDEX))
+def version_1(bank: Path) -> Path:
+    """The bank as format version 1 wrote it: the same, without coarse-key files."""
+    manifest = json.loads((bank / "manifest.json").read_text())
+    for entry in manifest["segments"]:
+        for name in [n for n in entry["files"] if n.startswith("coarse.")]:
+            del entry["files"][name]
+            (bank / "segments" / entry["name"] / name).unlink()
+    (bank / "manifest.json").write_text(json.dumps(dict(manifest, format_version=1)))
+    return bank
+
+
+UPGRADE = ["upgrade:coarse-written", "upgrade:manifest-tmp", "upgrade:renamed"]
+
+
+@pytest.mark.parametrize("point", UPGRADE)
+def test_crash_while_a_version_1_bank_is_upgraded(tiny_env, corpus, two_segments, tmp_path, monkeypatch, capsys,
+                                                  point):
+    bank = version_1(copy_bank(two_segments, tmp_path))
+    crashed(ingest(tiny_env, corpus, bank, crash=point))   # its writer upgrades it first
+    after_crash(bank, monkeypatch, capsys)
+    r = ingest(tiny_env, corpus, bank)
+    assert r.returncode == 0, r.stderr
+    assert check_cli(bank, monkeypatch, capsys) == 0
+    assert contents(bank, corpus) == contents(two_segments, corpus)
+    manifest = json.loads((bank / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    assert all(any(n.startswith("coarse.") for n in entry["files"]) for entry in manifest["segments"])
+
+
+CRASH_POINTS = sorted(set(FRESH_INGEST + ["append:renamed"] + REPLACING + FORGET + REINDEX + UPGRADE))
 
 
 def test_every_crash_point_in_the_code_is_tested():
@@ -220,4 +250,4 @@ def test_every_crash_point_in_the_code_is_tested():
     named |= {f"{step}:{point}" for step in commit_steps for point in ("manifest-tmp", "renamed")}
     named |= {f"{step}:{point}" for step in delete_steps for point in ("before-delete", "after-delete")}
     assert sorted(named) == CRASH_POINTS
-    assert len(CRASH_POINTS) == 23
+    assert len(CRASH_POINTS) == 26

@@ -80,7 +80,7 @@ def test_train_router_distils_from_minilm(tiny_model, corpus, tmp_path):
 
 def test_reindex_swaps_only_the_routing_keys_and_the_bank_keeps_its_router(tiny_model, corpus, tmp_path):
     bank_path = tmp_path / "bank"
-    ingest(Engine.open(tiny_model, bank_path, create=True), [corpus])
+    ingest(Engine.open(tiny_model, bank_path, create=True, content=True), [corpus])   # content that must stay
     before = Bank.open(bank_path)
     docs = {d.doc_id: d.text for d in before.documents()}
     content = before.load_content(sorted(docs), before.settings["content_layers"][0])[0].clone()

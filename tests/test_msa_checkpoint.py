@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import msa, msa_env
 from msa_cli.corpus.splitter import Passage
 from msa_cli.engine import Engine, reindex
-from msa_cli.errors import ModelUnavailable
+from msa_cli.errors import ModelUnavailable, MsaError
 from msa_cli.memory.mode import mode_for
 from msa_cli.model.loading import load_model
 from msa_cli.model.msa_checkpoint import read_config
@@ -101,7 +101,9 @@ def test_missing_router_weights_are_a_clear_error_with_exit_code_5(tmp_path):
 def test_stage_one_wraps_each_document_in_its_id_and_pools_router_keys_as_the_content(checkpoint, model, tmp_path):
     engine = filled_engine(model, tmp_path / "bank")
     s = engine.bank.settings
-    assert s["content_layers"] == [2, 3] and s["pooling"] == 4
+    assert s["content_layers"] == [2, 3] and s["pooling"] == 4   # a checkpoint's bank keeps content by default
+    with pytest.raises(MsaError, match="needs --content kv"):     # and cannot do without it
+        Engine.open(model, tmp_path / "other", create=True, content=False)
     assert s["document_template"] == "<|im_start|>[{id}]. {text}[{id}]<|im_end|>"
     hf = hf_model(checkpoint)
     seg = engine.bank.routing_segments()[0]

@@ -25,8 +25,8 @@ from ..errors import MsaError
 from ..faults import crash_point
 from . import lexical, writer
 from .check import check_same_settings, check_settings
-from .format import FORMAT_VERSION, MANIFEST, SEGMENTS, flock, fsync_dir, json_normalised, now, route_file, \
-    router_weights_file
+from .format import FORMAT_VERSION, MANIFEST, SEGMENTS, coarse_file, flock, fsync_dir, json_normalised, now, \
+    route_file, router_weights_file
 from .lexical import LexicalIndex
 from .snapshot import Document, RoutingSegment, Snapshot
 from .writer import NewDocument, RouterWeights
@@ -158,10 +158,11 @@ class Bank:
 
     def _lexical_index(self) -> tuple[LexicalIndex, bool]:
         """(the index of the live documents, whether it is the one saved in the bank)."""
-        docs = self._snapshot.documents()
-        ids = [d.doc_id for d in docs]
+        ids = self._snapshot.live_ids().tolist()   # no document is parsed for a saved index
         index = lexical.saved(self.path / lexical.DIRECTORY, ids)
-        return (index, True) if index is not None else (LexicalIndex.build([d.text for d in docs], ids), False)
+        if index is not None:
+            return index, True
+        return LexicalIndex.build([d.text for d in self._snapshot.documents()], ids), False
 
     # ----- writing -----
 
@@ -181,11 +182,32 @@ class Bank:
             writer.remove_orphans(self.path, self._snapshot.manifest)
             self._lock_fd, self._committed = fd, False
             try:
+                self._upgrade()
                 yield self
                 if self._committed:
                     self._save_lexical()
             finally:
                 self._lock_fd = None
+
+    def _upgrade(self) -> None:
+        """A version-1 bank becomes version 2 in place, in one commit: each segment gets the coarse-key file
+        computed from its routing keys (memory/coarse.py); nothing else changes. A crash before the commit leaves
+        the bank as it was (an unlisted coarse file is written again next time)."""
+        snapshot = self._snapshot
+        if snapshot.manifest["format_version"] == FORMAT_VERSION:
+            return
+        name = coarse_file(snapshot.settings["router"]["id"])
+        segments = []
+        for entry, segment in zip(snapshot.manifest["segments"], snapshot.segments):
+            if segment.coarse is None:
+                route = {"keys": segment.keys, "key_doc": segment.key_doc}
+                record = writer.save_safetensors(writer.coarse_tensors(snapshot.settings, route),
+                                                 segment.directory / name)
+                fsync_dir(segment.directory)
+                entry = dict(entry, files={**entry.get("files", {}), name: record})
+            segments.append(entry)
+        crash_point("upgrade:coarse-written")
+        self._commit(dict(snapshot.manifest, segments=segments), "upgrade")
 
     def _save_lexical(self) -> None:
         """The one rule that keeps a bank's saved BM25 index current, so that readers never build their own:
@@ -251,6 +273,7 @@ class Bank:
         settings = dict(snapshot.settings, router=router)
         check_settings(settings)
         old_route, new_route = route_file(old_id), route_file(router["id"])
+        old_coarse, new_coarse = coarse_file(old_id), coarse_file(router["id"])
         if new_route == old_route:
             # Route files are immutable: new keys need a new id (e.g. one naming the router weights' hash).
             raise MsaError(f"bank {self.path} already holds keys of router {router['id']!r}; "
@@ -264,9 +287,10 @@ class Bank:
             route = writer.route_tensors(settings, keys, counts, [d.row for d in docs], key_shape)
             key_shape = tuple(keys.shape[1:])
             record = writer.save_safetensors(route, segment.directory / new_route)
+            coarse = writer.save_safetensors(writer.coarse_tensors(settings, route), segment.directory / new_coarse)
             fsync_dir(segment.directory)
-            files = {name: r for name, r in entry.get("files", {}).items() if name != old_route}
-            segments.append(dict(entry, files={**files, new_route: record}))
+            files = {name: r for name, r in entry.get("files", {}).items() if name not in (old_route, old_coarse)}
+            segments.append(dict(entry, files={**files, new_route: record, new_coarse: coarse}))
         crash_point("reindex:routes-written")
         old_weights = router_weights_file(old_id)
         files = {name: r for name, r in snapshot.manifest.get("files", {}).items() if name != old_weights}
@@ -277,12 +301,14 @@ class Bank:
         crash_point("reindex:before-delete")
         for segment in snapshot.segments:
             (segment.directory / old_route).unlink()
+            (segment.directory / old_coarse).unlink(missing_ok=True)   # a version-1 segment has none
         (self.path / old_weights).unlink(missing_ok=True)
         crash_point("reindex:after-delete")
 
     def _commit(self, manifest: dict, step: str) -> None:
         """step: what commits (create, append, remove, info, reindex), naming its crash points."""
         manifest["updated"] = now()
+        manifest["format_version"] = FORMAT_VERSION
         writer.write_manifest(self.path, manifest, step)
         self._committed = True
         self._reload()

@@ -9,7 +9,6 @@ it, not met later as a crash. `msa check` (verify.py) applies them to a whole ba
 from __future__ import annotations
 
 import json
-import os
 import re
 from bisect import bisect_right
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BankMismatch
-from .format import FLOAT_DTYPES, Damaged, TensorInfo, check_size, file_record, is_count, json_object, \
-    json_value, stored_dtype
+from .format import FLOAT_DTYPES, Damaged, TensorInfo, file_record, is_count, json_object, json_value, \
+    stored_dtype
 
 # Router ids become file names (route.<id>.safetensors).
 ROUTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -159,23 +158,24 @@ def valid_span(span) -> bool:
             and type(span["line_start"]) in _INT_OR_NONE and type(span["line_end"]) in _INT_OR_NONE)
 
 
-def read_documents(path: Path, first_doc_id: int, n_docs: int, record: dict | None) -> list[dict]:
-    """A segment's rows, each checked: the ids the manifest gives it, every field's type, and chunk ranges that
-    tile the content rows in row order (so their total is the content's row count)."""
+def parse_documents(path: Path, data: bytes, first_doc_id: int, n_docs: int) -> list[dict]:
+    """A segment's rows (the bytes of its documents.jsonl), each checked: the ids the manifest gives it, every
+    field's type, and chunk ranges that tile the content rows in row order (their total is checked against the
+    content by content_rows)."""
+    if data and not data.endswith(b"\n"):
+        raise Damaged(path, "the last row is cut short (no final newline)")
+    # Rows end with "\n" only: json.dumps escapes every other line break in a row.
+    lines = data.split(b"\n")[:-1] if data else []
+    if len(lines) > n_docs:
+        raise Damaged(path, f"more rows than the {n_docs} documents the manifest lists")
     rows, chunks = [], 0
-    # newline="\n": rows end with "\n" only (json.dumps escapes every other line break in a row).
-    with open(path, encoding="utf-8", newline="\n") as f:
-        check_size(path, os.fstat(f.fileno()).st_size, record)
+    for i, line in enumerate(lines):
         try:
-            for i, line in enumerate(f):
-                if not line.endswith("\n"):
-                    raise Damaged(path, "the last row is cut short (no final newline)")
-                if i == n_docs:
-                    raise Damaged(path, f"more rows than the {n_docs} documents the manifest lists")
-                rows.append(_row(path, i, line, first_doc_id + i, chunks))
-                chunks += rows[-1]["chunk_count"]
+            text = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise Damaged(path, f"not UTF-8 ({e.reason})") from None
+        rows.append(_row(path, i, text, first_doc_id + i, chunks))
+        chunks += rows[-1]["chunk_count"]
     if len(rows) != n_docs:
         raise Damaged(path, f"{len(rows)} rows, the manifest lists {n_docs} documents")
     return rows
@@ -207,14 +207,32 @@ def _expect(path: Path, tensors: dict[str, TensorInfo], expected: dict[str, tupl
             raise Damaged(path, f"tensor {name} is {t.dtype} {list(t.shape)}, not {dtype} {shown}")
 
 
-def content_tensors(path: Path, tensors: dict[str, TensorInfo], settings: dict, n_chunks: int) -> None:
-    shape = (n_chunks, settings["kv_heads"], settings["head_dim"])
+def content_tensors(path: Path, tensors: dict[str, TensorInfo], settings: dict) -> None:
+    """k.<l> and v.<l> [N_chunks, Hk, d] of every content layer; N_chunks is checked against the documents by
+    content_rows."""
+    shape = (None, settings["kv_heads"], settings["head_dim"])
     _expect(path, tensors, {f"{kv}.{layer}": (stored_dtype(settings), shape)
                             for layer in settings["content_layers"] for kv in "kv"})
+    if len({t.shape[0] for t in tensors.values()}) > 1:
+        raise Damaged(path, "content tensors of several lengths")
+
+
+def content_rows(path: Path, content: dict, n_chunks: int) -> None:
+    """The content tensors hold exactly the chunks their documents' rows tile."""
+    for name, t in content.items():
+        if t.shape[0] != n_chunks:
+            raise Damaged(path, f"{name} has {t.shape[0]} rows, the documents' chunks are {n_chunks}")
 
 
 def route_tensors(path: Path, tensors: dict[str, TensorInfo], settings: dict) -> None:
     _expect(path, tensors, {"keys": (stored_dtype(settings), (None, None, None)), "key_doc": ("I32", (None,))})
+    if tensors["keys"].shape[0] != tensors["key_doc"].shape[0]:
+        raise Damaged(path, f"{tensors['keys'].shape[0]} keys but {tensors['key_doc'].shape[0]} key_doc entries")
+
+
+def coarse_tensors(path: Path, tensors: dict[str, TensorInfo], settings: dict, key_shape: tuple) -> None:
+    """A coarse-key file (memory/coarse.py): keys of the route file's shape and their rows."""
+    _expect(path, tensors, {"keys": (stored_dtype(settings), (None, *key_shape)), "key_doc": ("I32", (None,))})
     if tensors["keys"].shape[0] != tensors["key_doc"].shape[0]:
         raise Damaged(path, f"{tensors['keys'].shape[0]} keys but {tensors['key_doc'].shape[0]} key_doc entries")
 

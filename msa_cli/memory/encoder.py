@@ -66,7 +66,8 @@ def encode_pack(backbone: Backbone, pack: Pack, content_layers: list[int], route
             content[i] = (backbone.rope(k, pack.positions), v)
 
     backbone.forward(pack.ids, pack.positions, pack.attend, read=read, last=max(content_set | route_layers))
-    chunk_counts = ((pack.lengths + pooling - 1) // pooling).tolist()
+    # A bank without content layers keeps no chunks (its documents have chunk_count 0).
+    chunk_counts = ((pack.lengths + pooling - 1) // pooling * bool(content_set)).tolist()
     chunk_of_token = chunk_index(pack.token_doc, pack.positions, chunk_counts, pooling)
     # The bank is on the CPU: so are the outputs, whatever device computed them.
     pooled = {layer: (mean_by(k, chunk_of_token, sum(chunk_counts)).to("cpu", out_dtype),

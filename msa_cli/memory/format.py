@@ -23,7 +23,10 @@ from torch import Tensor
 
 from ..errors import BankLocked
 
-FORMAT_VERSION = 1
+# 2: each segment has a coarse-key file beside its route file (memory/coarse.py). A version-1 bank is read as it
+# is (its segments scanned whole), and its next writer upgrades it in place (Bank.lock).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 MANIFEST = "manifest.json"
 TEMPLATE = "template.safetensors"
@@ -49,6 +52,10 @@ _SAFETENSORS_NAME = {torch_dtype: name for name, (_, torch_dtype) in TENSOR_DTYP
 
 def route_file(router_id: str) -> str:
     return f"route.{router_id}.safetensors"
+
+
+def coarse_file(router_id: str) -> str:
+    return f"coarse.{router_id}.safetensors"
 
 
 def router_weights_file(router_id: str) -> str:
@@ -216,6 +223,15 @@ def _tensor_info(path: Path, name: str, info, data_start: int) -> TensorInfo:
     if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
         raise Damaged(path, f"tensor {name}: {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']}")
     return TensorInfo(info["dtype"], tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def map_bytes(path: Path, record: dict | None) -> np.ndarray:
+    """A file mapped read-only (its size checked against its record): read only when touched, and readable
+    after a writer deletes the file."""
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        check_size(path, file_size, record)
+        return np.memmap(f, dtype=np.uint8, mode="r") if file_size else np.zeros(0, dtype=np.uint8)
 
 
 def map_safetensors(path: Path, record: dict | None,

@@ -155,9 +155,19 @@ def check_saved(root: Path, doc_ids: list[int]) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def fused(router: Tensor, bm25: Tensor, weight: float) -> Tensor:
-    """weight * z(router) + (1 - weight) * z(bm25), z standardising each over the documents: their scales differ
-    (cosines vs. unbounded BM25 sums), and a question with no known word gives BM25 all zeros (z = 0)."""
-    def z(s: Tensor) -> Tensor:
-        return (s - s.mean()) / s.std().clamp(min=1e-6) if s.numel() > 1 else torch.zeros_like(s)
-    return weight * z(router.float()) + (1 - weight) * z(bm25.float())
+Stats = tuple[float, float]   # mean and standard deviation of a score over the bank's documents
+
+
+def stats(s: Tensor) -> Stats:
+    return (float(s.mean()), float(s.std())) if s.numel() > 1 else (0.0, 0.0)
+
+
+def fused(router: Tensor, bm25: Tensor, weight: float, router_stats: Stats | None = None,
+          bm25_stats: Stats | None = None) -> Tensor:
+    """weight * z(router) + (1 - weight) * z(bm25), z standardising each over the bank's documents: their scales
+    differ (cosines vs. unbounded BM25 sums), and a question with no known word gives BM25 all zeros (z = 0).
+    The statistics are those of the scores given, unless given (when only some documents were scored)."""
+    def z(s: Tensor, over: Stats | None) -> Tensor:
+        mean, std = over or stats(s)
+        return (s - mean) / max(std, 1e-6) if std > 0 else torch.zeros_like(s)
+    return weight * z(router.float(), router_stats) + (1 - weight) * z(bm25.float(), bm25_stats)

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ..errors import BankMismatch, BankNotFound, MsaError
 from . import check
-from .format import CONTENT, DOCUMENTS, FLOAT_DTYPES, FORMAT_VERSION, MANIFEST, SEGMENTS, TEMPLATE, Damaged, \
-    json_object, map_safetensors, route_file, router_weights_file, safetensors_header, size
+from .format import CONTENT, DOCUMENTS, FLOAT_DTYPES, MANIFEST, READABLE_VERSIONS, SEGMENTS, TEMPLATE, Damaged, \
+    coarse_file, json_object, map_bytes, map_safetensors, route_file, router_weights_file, safetensors_header, size
 
 
 # Frozen: one Document serves every snapshot that lists its segment.
@@ -52,43 +52,65 @@ class RoutingSegment:
     key_doc: Tensor    # [N_keys] int32, memory-mapped: segment-local row of each key
     doc_ids: Tensor    # [n_docs] int64: global doc id of each row
     live: Tensor       # [n_docs] bool: False for tombstoned rows
+    coarse: Tensor | None = None       # [N_coarse, Hr, dr], memory-mapped (memory/coarse.py); None: none written
+    coarse_doc: Tensor | None = None   # [N_coarse] int32: segment-local row of each coarse key
 
 
 class Segment:
-    """One committed segment: a Document for every row (tombstoned ones too: tombstones are the manifest's) and
-    its mapped route and content files, all checked against the manifest entry and the format rules. Reused by
-    every snapshot that lists it with the same route file."""
+    """One committed segment: its mapped documents, route and content files, checked against the manifest entry
+    and the format rules, and a Document for every row (tombstoned ones too: tombstones are the manifest's),
+    parsed from documents.jsonl when first asked for: a bank of a million documents opens without reading their
+    text. Reused by every snapshot that lists it with the same files."""
 
     def __init__(self, directory: Path, entry: dict, settings: dict, route: str):
         self.name = directory.name
         self.directory = directory
         self.route_file = route
+        # What the manifest records of its files: sizes are compared here, `msa check` compares hashes, and a
+        # snapshot reuses this object only for an entry recording the same (an upgrade adds coarse keys).
+        self.files = records = entry.get("files", {})
         self.first_doc_id = entry["first_doc_id"]
-        records = entry.get("files", {})   # sizes are compared here; `msa check` compares hashes
-        n_docs = entry["n_docs"]
-        rows = check.read_documents(directory / DOCUMENTS, self.first_doc_id, n_docs, records.get(DOCUMENTS))
+        self.n_docs = n_docs = entry["n_docs"]
+        # Everything is mapped now, with the rest of the snapshot: a writer may delete this segment once it has
+        # no live documents, and a reader that opened the bank before that must still read what it saw. Mapping
+        # costs no reading; pages are read only when touched.
+        self._rows = map_bytes(directory / DOCUMENTS, records.get(DOCUMENTS))
         mapped = map_safetensors(directory / route, records.get(route),
                                  lambda path, tensors: check.route_tensors(path, tensors, settings))
         self.keys, self.key_doc = mapped["keys"], mapped["key_doc"]
-        # Keys are stored grouped by row in row order, so each row's keys are one range of key_doc;
-        # deriving the ranges here lets reindex replace keys without rewriting documents.jsonl.
-        key_doc = self.key_doc.numpy()
-        check.key_rows(directory / route, key_doc, n_docs)
-        per_row = np.bincount(key_doc, minlength=n_docs)
-        counts, starts = per_row.tolist(), (np.cumsum(per_row) - per_row).tolist()
-        self.documents = [
-            Document(doc_id=r["doc_id"], source=r["source"], span=r["span"], content_hash=r["content_hash"],
-                     n_tokens=r["n_tokens"], text=r["text"], segment=self.name, row=row,
-                     chunk_start=r["chunk_start"], chunk_count=r["chunk_count"],
-                     key_start=starts[row], key_count=counts[row])
-            for row, r in enumerate(rows)]
+        # Checked now: the scan indexes documents by key_doc.
+        check.key_rows(directory / route, self.key_doc.numpy(), n_docs)
+        # The coarse keys (memory/coarse.py), when the manifest lists them: a version-1 segment has none.
+        self.coarse = self.coarse_doc = None
+        coarse = coarse_file(settings["router"]["id"])
+        if coarse in records:
+            mapped = map_safetensors(directory / coarse, records[coarse], lambda path, tensors: check.coarse_tensors(
+                path, tensors, settings, self.key_shape))
+            self.coarse, self.coarse_doc = mapped["keys"], mapped["key_doc"]
+            check.key_rows(directory / coarse, self.coarse_doc.numpy(), n_docs)
         self.doc_ids = torch.arange(self.first_doc_id, self.first_doc_id + n_docs, dtype=torch.int64)
-        # Mapped now, with the rest of the snapshot: a writer may delete this segment once it has no live
-        # documents, and a reader that opened the bank before that must still read what it saw. Mapping costs
-        # no reading; pages are read only for the documents a question selects.
-        n_chunks = sum(r["chunk_count"] for r in rows)
         self.content = map_safetensors(directory / CONTENT, records.get(CONTENT),
-                                       lambda path, tensors: check.content_tensors(path, tensors, settings, n_chunks))
+                                       lambda path, tensors: check.content_tensors(path, tensors, settings))
+        self._documents: list[Document] | None = None
+
+    @property
+    def documents(self) -> list[Document]:
+        """Every row's Document, parsed and checked on first use (Damaged if documents.jsonl breaks the format)."""
+        if self._documents is None:
+            rows = check.parse_documents(self.directory / DOCUMENTS, self._rows.tobytes(), self.first_doc_id,
+                                         self.n_docs)
+            check.content_rows(self.directory / CONTENT, self.content, sum(r["chunk_count"] for r in rows))
+            # Keys are stored grouped by row in row order, so each row's keys are one range of key_doc;
+            # deriving the ranges lets reindex replace keys without rewriting documents.jsonl.
+            per_row = np.bincount(self.key_doc.numpy(), minlength=self.n_docs)
+            counts, starts = per_row.tolist(), (np.cumsum(per_row) - per_row).tolist()
+            self._documents = [
+                Document(doc_id=r["doc_id"], source=r["source"], span=r["span"], content_hash=r["content_hash"],
+                         n_tokens=r["n_tokens"], text=r["text"], segment=self.name, row=row,
+                         chunk_start=r["chunk_start"], chunk_count=r["chunk_count"],
+                         key_start=starts[row], key_count=counts[row])
+                for row, r in enumerate(rows)]
+        return self._documents
 
     @property
     def key_shape(self) -> tuple:
@@ -139,7 +161,7 @@ class Snapshot:
         segments = []
         for entry in manifest["segments"]:
             seg = known.get(entry["name"])
-            if seg is None or seg.route_file != route:
+            if seg is None or seg.route_file != route or seg.files != entry.get("files", {}):
                 seg = Segment(path / SEGMENTS / entry["name"], entry, settings, route)
             segments.append(seg)
         # The router scans every segment's keys alike; appends and reindex keep one shape.
@@ -165,16 +187,29 @@ class Snapshot:
         """(Hr, dr) of the bank's routing keys; None before the first segment fixes it."""
         return self.segments[0].key_shape if self.segments else None
 
+    def _documents_of(self, seg: Segment) -> list[Document]:
+        """seg.documents, a damaged documents.jsonl refused as opening refuses damage (one line, BankMismatch)."""
+        try:
+            return seg.documents
+        except Damaged as e:
+            raise BankMismatch(f"bank {self.path} is unreadable: {e.where(self.path)}") from None
+
+    def live_ids(self) -> Tensor:
+        """The live documents' ids, ascending, without parsing any document."""
+        segments = self.routing_segments()
+        return torch.cat([s.doc_ids[s.live] for s in segments]) if segments else torch.zeros(0, dtype=torch.long)
+
     def _dead_rows(self, seg: Segment) -> list[int]:
         """The rows of `seg` whose documents are tombstoned."""
         lo = bisect_left(self._tombstones, seg.first_doc_id)
-        hi = bisect_left(self._tombstones, seg.first_doc_id + len(seg.documents))
+        hi = bisect_left(self._tombstones, seg.first_doc_id + seg.n_docs)
         return [t - seg.first_doc_id for t in self._tombstones[lo:hi]]
 
     def live_documents(self, seg: Segment) -> list[Document]:
         """A segment's live documents, in row order."""
         dead = set(self._dead_rows(seg))
-        return [d for d in seg.documents if d.row not in dead] if dead else list(seg.documents)
+        documents = self._documents_of(seg)
+        return [d for d in documents if d.row not in dead] if dead else list(documents)
 
     def documents(self) -> list[Document]:
         """Live documents in doc_id order."""
@@ -185,7 +220,7 @@ class Snapshot:
     @property
     def num_documents(self) -> int:
         # Every tombstone lies in a listed segment (check.check_manifest).
-        return sum(len(seg.documents) for seg in self.segments) - len(self._tombstones)
+        return sum(seg.n_docs for seg in self.segments) - len(self._tombstones)
 
     def document(self, doc_id: int) -> Document:
         return self._locate(doc_id)[1]
@@ -206,18 +241,19 @@ class Snapshot:
         t = bisect_left(self._tombstones, doc_id)
         if i >= 0 and not (t < len(self._tombstones) and self._tombstones[t] == doc_id):
             seg = self.segments[i]
-            if doc_id - seg.first_doc_id < len(seg.documents):
-                return seg, seg.documents[doc_id - seg.first_doc_id]
+            if doc_id - seg.first_doc_id < seg.n_docs:
+                return seg, self._documents_of(seg)[doc_id - seg.first_doc_id]
         raise MsaError(f"bank {self.path} has no live document {doc_id}")
 
     def routing_segments(self) -> list[RoutingSegment]:
         if self._live is None:
             self._live = []
             for seg in self.segments:
-                live = torch.ones(len(seg.documents), dtype=torch.bool)
+                live = torch.ones(seg.n_docs, dtype=torch.bool)
                 live[torch.tensor(self._dead_rows(seg), dtype=torch.long)] = False
                 self._live.append(live)
-        return [RoutingSegment(name=seg.name, keys=seg.keys, key_doc=seg.key_doc, doc_ids=seg.doc_ids, live=live)
+        return [RoutingSegment(name=seg.name, keys=seg.keys, key_doc=seg.key_doc, doc_ids=seg.doc_ids, live=live,
+                               coarse=seg.coarse, coarse_doc=seg.coarse_doc)
                 for seg, live in zip(self.segments, self._live)]
 
     def load_content(self, doc_ids: list[int], layer: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -247,8 +283,10 @@ class Snapshot:
         sizes = {"hot": 0, "cold": 0, "text": 0, "other": 0}
         # A writer may delete this snapshot's segments while we count (their mappings stay readable): a file
         # gone counts as 0.
-        for seg in self.segments:
-            sizes["hot"] += size(seg.directory / seg.route_file)
+        coarse = coarse_file(self.settings["router"]["id"])
+        for seg in self.segments:   # the hot tier: routing keys and their coarse keys
+            sizes["hot"] += size(seg.directory / seg.route_file) + (size(seg.directory / coarse) if seg.coarse
+                                                                     is not None else 0)
             sizes["cold"] += size(seg.directory / CONTENT)
             sizes["text"] += size(seg.directory / DOCUMENTS)
         # Everything else in the directory: manifest, template K/V, router weights, the BM25 index.
@@ -267,8 +305,9 @@ def read_manifest(path: Path) -> dict:
         raise BankNotFound(f"no bank at {path} (`msa ingest` makes one)") from None
     manifest = json_object(path / MANIFEST, raw, "the manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:   # first: another version may have another layout
-        raise BankMismatch(f"bank {path} has format version {version}; this msa reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:   # first: another version may have another layout
+        raise BankMismatch(f"bank {path} has format version {version}; this msa reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
     check.check_manifest(path / MANIFEST, manifest)
     return manifest
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from . import lexical
 from .check import check_record
-from .format import CONTENT, DOCUMENTS, MANIFEST, SEGMENTS, TEMPLATE, Damaged, route_file, router_weights_file
+from .format import CONTENT, DOCUMENTS, MANIFEST, SEGMENTS, TEMPLATE, Damaged, coarse_file, route_file, \
+    router_weights_file
 from .snapshot import Segment, check_router_weights, map_template, read_manifest
 
 
@@ -61,8 +62,9 @@ def _verify_once(path: Path) -> Report:
         directory = path / SEGMENTS / entry["name"]
         try:
             segment = Segment(directory, entry, settings, route)
+            segment.documents   # parsed and checked (opening a bank leaves that to the first read)
             for name, record in entry.get("files", {}).items():
-                if name not in (DOCUMENTS, CONTENT, route):
+                if name not in (DOCUMENTS, CONTENT, route, coarse_file(settings["router"]["id"])):
                     raise Damaged(directory / name, "recorded in the manifest, but no file of a segment")
                 check_record(directory / name, record)
         except Damaged as e:
@@ -124,6 +126,9 @@ def _leftovers(path: Path, listed: set[str], route: str, manifest: dict) -> list
             continue
         notes += [f"{SEGMENTS}/{directory.name}/{f.name}: keys of another router"
                   for f in sorted(directory.glob("route.*.safetensors")) if f.name != route]
+        files = next(e for e in manifest["segments"] if e["name"] == directory.name).get("files", {})
+        notes += [f"{SEGMENTS}/{directory.name}/{f.name}: coarse keys not listed in the manifest"
+                  for f in sorted(directory.glob("coarse.*.safetensors")) if f.name not in files]
     return [note + " (left by an interrupted writer; the next writer removes it)" for note in notes]
 
 

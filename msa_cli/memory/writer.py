@@ -20,8 +20,9 @@ from torch import Tensor
 from ..errors import USAGE, MsaError
 from ..faults import crash_point
 from . import check
+from .coarse import coarse_keys
 from .format import CONTENT, DOCUMENTS, FLOAT_DTYPES, FORMAT_VERSION, LOCK, MANIFEST, SEGMENTS, TEMPLATE, \
-    file_record, fsync_dir, fsync_file, now, route_file, router_weights_file
+    coarse_file, file_record, fsync_dir, fsync_file, now, route_file, router_weights_file
 
 # What a directory may hold when create() finds no manifest there: leftovers of a create that crashed.
 _CREATE_LEFTOVERS = {LOCK, TEMPLATE, MANIFEST + ".tmp", SEGMENTS}
@@ -105,9 +106,9 @@ def refuse_strangers(path: Path) -> None:
 
 
 def remove_orphans(path: Path, manifest: dict) -> None:
-    """Delete what a crashed writer left: segments the manifest does not list, route files of other routers,
-    the temporary manifest. Only writers call this, under the lock."""
-    listed = {entry["name"] for entry in manifest["segments"]}
+    """Delete what a crashed writer left: segments the manifest does not list, route and coarse-key files it
+    does not list, the temporary manifest. Only writers call this, under the lock."""
+    listed = {entry["name"]: entry.get("files", {}) for entry in manifest["segments"]}
     route = route_file(manifest["settings"]["router"]["id"])
     (path / (MANIFEST + ".tmp")).unlink(missing_ok=True)
     for f in path.glob("router.*.safetensors"):
@@ -122,6 +123,9 @@ def remove_orphans(path: Path, manifest: dict) -> None:
             continue
         for f in directory.glob("route.*.safetensors"):
             if f.name != route:
+                f.unlink()
+        for f in directory.glob("coarse.*.safetensors"):
+            if f.name not in listed[directory.name]:
                 f.unlink()
 
 
@@ -149,6 +153,15 @@ def route_tensors(settings: dict, keys: Tensor, key_counts: list[int], rows: lis
     key_doc = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int32),
                                       torch.tensor(key_counts, dtype=torch.int64))
     return {"keys": _checked(keys, shape, settings, "route keys"), "key_doc": key_doc}
+
+
+def coarse_tensors(settings: dict, route: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A coarse-key file's tensors (memory/coarse.py) for a route file's: coarse keys in the keys' dtype, and
+    the segment row of each."""
+    rows, key_counts = torch.unique_consecutive(route["key_doc"], return_counts=True)
+    coarse, counts = coarse_keys(route["keys"], key_counts.tolist())
+    key_doc = torch.repeat_interleave(rows, torch.tensor(counts, dtype=torch.int64))
+    return {"keys": coarse.to(FLOAT_DTYPES[settings["dtype"]]), "key_doc": key_doc.to(torch.int32)}
 
 
 def template_tensors(settings: dict, template_kv: dict[int, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
@@ -197,11 +210,12 @@ def write_segment(path: Path, settings: dict, first: int, docs: list[NewDocument
     name = f"{first:09d}-{secrets.token_hex(4)}"
     directory = path / SEGMENTS / name
     directory.mkdir(parents=True)
-    route_name = route_file(settings["router"]["id"])
+    route_name, coarse_name = route_file(settings["router"]["id"]), coarse_file(settings["router"]["id"])
     # Each file's size and sha256 go into the manifest: opening compares sizes, `msa check` hashes.
     files = {DOCUMENTS: _write_jsonl(directory / DOCUMENTS, rows),
              CONTENT: save_safetensors(tensors, directory / CONTENT),
-             route_name: save_safetensors(route, directory / route_name)}
+             route_name: save_safetensors(route, directory / route_name),
+             coarse_name: save_safetensors(coarse_tensors(settings, route), directory / coarse_name)}
     fsync_dir(directory)
     fsync_dir(directory.parent)
     return {"name": name, "first_doc_id": first, "n_docs": len(docs), "files": files}
