@@ -225,13 +225,16 @@ def content_rows(path: Path, content: dict, n_chunks: int) -> None:
 
 
 def route_tensors(path: Path, tensors: dict[str, TensorInfo], settings: dict) -> None:
-    _expect(path, tensors, {"keys": (stored_dtype(settings), (None, None, None)), "key_doc": ("I32", (None,))})
-    if tensors["keys"].shape[0] != tensors["key_doc"].shape[0]:
-        raise Damaged(path, f"{tensors['keys'].shape[0]} keys but {tensors['key_doc'].shape[0]} key_doc entries")
+    _keys_and_rows(path, tensors, settings, (None, None))
 
 
 def coarse_tensors(path: Path, tensors: dict[str, TensorInfo], settings: dict, key_shape: tuple) -> None:
     """A coarse-key file (memory/coarse.py): keys of the route file's shape and their rows."""
+    _keys_and_rows(path, tensors, settings, key_shape)
+
+
+def _keys_and_rows(path: Path, tensors: dict[str, TensorInfo], settings: dict, key_shape: tuple) -> None:
+    """Exactly `keys` [N, *key_shape] (None: any size) and `key_doc` [N] int32."""
     _expect(path, tensors, {"keys": (stored_dtype(settings), (None, *key_shape)), "key_doc": ("I32", (None,))})
     if tensors["keys"].shape[0] != tensors["key_doc"].shape[0]:
         raise Damaged(path, f"{tensors['keys'].shape[0]} keys but {tensors['key_doc'].shape[0]} key_doc entries")

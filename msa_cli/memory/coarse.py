@@ -1,13 +1,14 @@
 """Coarse routing keys: an index over the hot tier, for banks too large to scan whole on every question.
 
 Each document's routing keys, in runs of GROUP consecutive keys, are averaged and renormalised into one coarse key
-(every document with keys has at least one). Writers store them beside the keys, in the route file. A question
+(every document with keys has at least one). Writers store them beside the keys, in each segment's coarse-key
+file (docs/bank-format.md). A question
 is then routed in two steps (memory/search.py): the router scores every document on its coarse keys, GROUP times
 fewer than its keys, exactly as it scores keys; then the best CANDIDATES documents by that score, the best
 CANDIDATES by BM25, and a fixed sample of SAMPLE documents are scored on their own keys. The ranking is over those
 exact scores; the sample gives the mean and spread of the router's scores over the whole bank, which the fusion
 with BM25 standardises by. A segment written before coarse keys existed has all its documents scored exactly.
-How much of the exact top-k this finds is measured on a real bank (benchmarks/scale.py, BENCHMARKS.md).
+How much of the exact top-k this finds is measured on a real bank (benchmarks/index_recall.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from msa_kernels.routing import route_scores
+
+from . import lexical
 
 GROUP = 32          # keys per coarse key
 CANDIDATES = 1024   # documents the coarse scores and BM25 each add
@@ -36,7 +39,7 @@ def coarse_keys(keys: Tensor, key_counts: list[int], group: int = GROUP) -> tupl
 
 
 def two_step_scores(router, q: Tensor, segments, bm25: Tensor, bm25_ids: Tensor) -> tuple[Tensor, Tensor,
-                                                                                         tuple[float, float]]:
+                                                                                         lexical.Stats]:
     """The router's exact scores of the documents worth scoring (see the module docstring): (doc_ids [M],
     scores [M], (mean, std) of the router's scores over the bank, estimated on the sample). bm25 [N]: BM25's
     score of every live document, bm25_ids [N] their ids."""
@@ -63,8 +66,7 @@ def two_step_scores(router, q: Tensor, segments, bm25: Tensor, bm25_ids: Tensor)
             exact_rows.append((i, rows[seg.live[rows]]))
     ids = torch.cat([segments[i].doc_ids[rows] for i, rows in exact_rows])
     scores = exact_scores(router, q, [(segments[i], rows) for i, rows in exact_rows])
-    drawn_scores = scores[torch.isin(ids, drawn)]
-    return ids, scores, (float(drawn_scores.mean()), float(drawn_scores.std()) if drawn_scores.numel() > 1 else 0.0)
+    return ids, scores, lexical.stats(scores[torch.isin(ids, drawn)])
 
 
 def exact_scores(router, q: Tensor, parts: list[tuple[object, Tensor]]) -> Tensor:
