@@ -24,7 +24,7 @@ MAX_LINES = 450
 
 def modules() -> dict[str, Path]:
     out = {}
-    for package, folder in (("msa_cli", ROOT / "msa_cli"), ("msa_kernels", ROOT / "kernels")):
+    for package, folder in (("msa_cli", ROOT / "msa_cli"), ("msa_kernels", ROOT / "msa_kernels")):
         for path in sorted(folder.rglob("*.py")):
             parts = path.relative_to(folder).with_suffix("").parts
             name = ".".join((package, *parts[:-1])) if parts[-1] == "__init__" else ".".join((package, *parts))

@@ -21,14 +21,12 @@ print(transformers.utils.is_kernels_available())
 """
 
 
-def test_our_kernels_install_as_msa_kernels():
-    assert Path(msa_kernels.__file__).parent.name == "kernels"
-
-
-def test_our_kernels_do_not_shadow_hugging_faces_kernels_package(tmp_path):
-    # transformers probes for Hugging Face's `kernels` distribution; an installed msa must not provide one.
-    # Run where a user would (not the repo root, whose `kernels/` folder is on sys.path only there).
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True,
+@pytest.mark.parametrize("where", ["elsewhere", "repo root"])
+def test_our_kernels_do_not_shadow_hugging_faces_kernels_package(tmp_path, where):
+    # transformers imports Hugging Face's `kernels` distribution; neither an installed msa nor a checkout (whose
+    # root is on sys.path when `python -m msa_cli.cli` or the tests run there) may provide one.
+    cwd = tmp_path if where == "elsewhere" else ROOT
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True,
                          check=True).stdout.split()
     origin, available = out
     ours = str(Path(msa_kernels.__file__).parent)
@@ -85,7 +83,7 @@ def imported(*folders: str) -> tuple[set[str], set[str]]:
 def test_every_distribution_msa_imports_is_declared_and_every_dependency_is_imported(pyproject):
     dependencies = names(pyproject["project"]["dependencies"])
     in_extras = set().union(*map(names, pyproject["project"]["optional-dependencies"].values()))
-    on_import, anywhere = imported("msa_cli", "kernels")
+    on_import, anywhere = imported("msa_cli", "msa_kernels")
     assert on_import - UNDECLARED <= dependencies, "a plain `pip install msa-cli` must let every module import"
     assert anywhere - UNDECLARED <= dependencies | in_extras, "what a command imports is declared somewhere"
     assert dependencies <= anywhere, f"nothing imports {dependencies - anywhere}: a download for nothing"
@@ -97,16 +95,16 @@ def test_each_extra_is_what_its_users_import(pyproject):
     assert names(extras["test"]) <= imported("tests")[1]
     assert names(extras["bench"]) <= imported("benchmarks")[1]
     # msa never imports the gguf extra itself (transformers does, to read a GGUF): its error names exactly it.
-    assert not names(extras["gguf"]) & imported("msa_cli", "kernels")[1]
+    assert not names(extras["gguf"]) & imported("msa_cli", "msa_kernels")[1]
     assert shlex.split(loading.INSTALL_GGUF)[2:] == extras["gguf"]
     assert names(loading.GGUF_PACKAGES) == names(extras["gguf"])
 
 
 def test_every_package_folder_is_installed_and_every_installed_package_exists(pyproject):
     setuptools = pyproject["tool"]["setuptools"]
-    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "msa_cli").rglob("__init__.py")}
-    assert set(setuptools["packages"]) == folders | {"msa_kernels"}
-    assert (ROOT / setuptools["package-dir"]["msa_kernels"] / "__init__.py").is_file()
+    folders = {".".join(p.parent.relative_to(ROOT).parts)
+               for top in ("msa_cli", "msa_kernels") for p in (ROOT / top).rglob("__init__.py")}
+    assert set(setuptools["packages"]) == folders
 
 
 # --- what a missing piece says -------------------------------------------------------------------------------------

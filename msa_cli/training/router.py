@@ -76,7 +76,7 @@ class Projections(torch.nn.Module):
 
 
 def scores(q: Tensor, q_counts: Tensor, k: Tensor, k_counts: Tensor, aggregate: str) -> Tensor:
-    """The router's score for every (query, document), as kernels/routing.py computes it: q [Tq, H, d] and
+    """The router's score for every (query, document), as msa_kernels/routing.py computes it: q [Tq, H, d] and
     k [K, H, d] unit vectors, each query's tokens and each document's keys contiguous (q_counts, k_counts rows
     each) -> [queries, documents]."""
     sim = q.flatten(1) @ k.flatten(1).T / q.shape[1]                                  # [Tq, K]: mean over heads
