@@ -6,6 +6,8 @@ Prints one JSON line per size, then one summary line with the cost per million c
     python benchmarks/routing_scale.py --sizes 10000 100000 1000000 10000000
     python benchmarks/routing_scale.py --heads 1 --dim 48 --q-heads 1 --doc-chunks 127 --aggregate mean
         (the shipped learned router: one key a token, late interaction)
+    ... --tiles 0 65536 --tokens 170   (the default tile, msa_kernels.routing.scan_tile, against a fixed one,
+        same run; the summary is the first tile's)
 """
 
 import argparse
@@ -17,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from msa_kernels.routing import route_scores_torch
+from msa_kernels.routing import route_scores_torch, scan_tile
 
 TOP_K = 16
 
@@ -32,11 +34,11 @@ def synthetic_keys(n_chunks, n_heads, dim, *, tile=1 << 16, seed=0) -> torch.Ten
     return keys
 
 
-def time_routing(q, keys, key_doc, n_docs, repeats, aggregate) -> list[float]:
+def time_routing(q, keys, key_doc, n_docs, repeats, aggregate, tile) -> list[float]:
     times_ms = []
     for _ in range(repeats):
         start = time.perf_counter()
-        doc_score = route_scores_torch(q, keys, key_doc, n_docs, aggregate=aggregate)
+        doc_score = route_scores_torch(q, keys, key_doc, n_docs, aggregate=aggregate, tile=tile or None)
         torch.topk(doc_score, min(TOP_K, n_docs))
         times_ms.append((time.perf_counter() - start) * 1e3)
     return times_ms
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--doc-chunks", type=int, default=5, help="chunks per document")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--aggregate", default="max", choices=["max", "mean"], help="over routing tokens")
+    parser.add_argument("--tiles", type=int, nargs="+", default=[0], help="keys per tile (0: scan_tile's choice)")
     args = parser.parse_args()
 
     q = F.normalize(torch.randn(args.tokens, args.q_heads, args.dim), dim=-1)  # [T, Hq, d]
@@ -60,24 +63,28 @@ def main() -> None:
         keys = synthetic_keys(n_chunks, args.heads, args.dim)
         key_doc = torch.arange(n_chunks, dtype=torch.int32) // args.doc_chunks  # contiguous documents
         n_docs = -(-n_chunks // args.doc_chunks)
-        times_ms = time_routing(q, keys, key_doc, n_docs, args.repeats, args.aggregate)
-        median_ms = medians_ms[n_chunks] = statistics.median(times_ms)
-        per_million[n_chunks] = median_ms / (n_chunks / 1e6)
-        print(json.dumps({
-            "chunks": n_chunks,
-            "docs": n_docs,
-            "ms": round(median_ms, 2),
-            "ms_min": round(min(times_ms), 2),
-            "ms_per_million_chunks": round(per_million[n_chunks], 2),
-            "bytes_of_keys": keys.numel() * keys.element_size(),
-            "tokens": args.tokens,
-            "q_heads": args.q_heads,
-            "heads": args.heads,
-            "dim": args.dim,
-            "aggregate": args.aggregate,
-            "threads": torch.get_num_threads(),
-            "load_avg_1m": os.getloadavg()[0],  # other work on the machine inflates the times
-        }), flush=True)
+        for tile in args.tiles:
+            times_ms = time_routing(q, keys, key_doc, n_docs, args.repeats, args.aggregate, tile)
+            median_ms = statistics.median(times_ms)
+            if tile == args.tiles[0]:
+                medians_ms[n_chunks] = median_ms
+                per_million[n_chunks] = median_ms / (n_chunks / 1e6)
+            print(json.dumps({
+                "chunks": n_chunks,
+                "tile": tile or scan_tile(args.tokens),
+                "docs": n_docs,
+                "ms": round(median_ms, 2),
+                "ms_min": round(min(times_ms), 2),
+                "ms_per_million_chunks": round(median_ms / (n_chunks / 1e6), 2),
+                "bytes_of_keys": keys.numel() * keys.element_size(),
+                "tokens": args.tokens,
+                "q_heads": args.q_heads,
+                "heads": args.heads,
+                "dim": args.dim,
+                "aggregate": args.aggregate,
+                "threads": torch.get_num_threads(),
+                "load_avg_1m": os.getloadavg()[0],  # other work on the machine inflates the times
+            }), flush=True)
         del keys, key_doc
 
     smallest, largest = min(per_million), max(per_million)
