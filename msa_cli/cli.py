@@ -115,20 +115,15 @@ def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] =
            top_k: int = typer.Option(10, "--top-k", "-k", min=1),
            as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")):
     """Routing only: the documents the router picks for QUERY, with scores and each one's best line."""
-    from .qa.answer import citation, quote_lines
-    from .qa.ask import counter
-    from .qa.evidence import best_line
+    from .qa.answer import cite, quote_lines
+    from .qa.lookup import search_results
 
-    engine = open_engine(bank, model, device=device)
-    count = counter(engine.model.tokenizer)
-    for rank, hit in enumerate(engine.route(query, top_k), 1):
-        d, line = hit.document, best_line(query, hit.document, count, settings.ANSWER_TYPE_BONUS).to_json()
+    for hit in search_results(open_engine(bank, model, device=device), query, top_k):
         if as_json:
-            print(json.dumps({"rank": rank, "doc_id": d.doc_id, "path": d.source, **d.span,
-                              "score": round(hit.score, 4), "evidence": {**line, "n": rank}}))
+            print(json.dumps(hit))
         else:
-            print(f"{rank:>3}. {hit.score:.3f}  {citation(d)}")
-            print(quote_lines({"n": rank}, [{**line, "n": rank}])[0])
+            print(f"{hit['rank']:>3}. {hit['score']:.3f}  {cite(hit['path'], hit)}")
+            print(quote_lines({"n": hit["rank"]}, [hit["evidence"]])[0])
 
 
 @app.command()
@@ -341,22 +336,17 @@ def status(bank: Optional[Path] = BankOption, as_json: bool = typer.Option(False
     """What the memory bank holds: files, documents, tokens, size on disk, model, router, last ingest."""
     from .memory.bank import Bank
 
-    path = existing_bank(bank)
-    b = Bank.open(path)
-    stats = b.stats()
-    s = b.settings
-    info = {"bank": str(path.absolute()), "files": len({d.source for d in b.documents()}), **stats,
-            "model": s["model"], "router": s["router"], "last_ingest": b.info.get("last_ingest")}
+    info = Bank.open(existing_bank(bank)).status()
     if as_json:
         print(json.dumps(info))
         return
-    sizes = stats["bytes_on_disk"]
+    sizes = info["bytes_on_disk"]
     print(f"bank         {info['bank']}")
-    print(f"files        {info['files']:,}    documents {stats['documents']:,}    tokens {stats['tokens']:,}")
+    print(f"files        {info['files']:,}    documents {info['documents']:,}    tokens {info['tokens']:,}")
     print(f"on disk      {sum(sizes.values()) / 1e6:.1f} MB  ("
           + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sizes.items()) + ")")
-    print(f"model        {s['model']['name']} ({s['model']['weights_sha256'][:12]})")
-    print(f"router       {s['router']['kind']} {s['router']['id']}")
+    print(f"model        {info['model']['name']} ({info['model']['weights_sha256'][:12]})")
+    print(f"router       {info['router']['kind']} {info['router']['id']}")
     last = info["last_ingest"]
     if last:
         print(f"last ingest  {last['finished']}: {last['ingested']} ingested, {last['unchanged']} unchanged, "
@@ -388,9 +378,46 @@ def check(bank: Optional[Path] = BankOption,
         raise errors.BankMismatch(f"bank {path} has {n} problem{'s' if n > 1 else ''}")
 
 
+AllowHelp = "A folder or file under which clients may ingest (repeatable; links and .. are resolved first)."
+
+
+@app.command()
+def serve(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption, device: Optional[str] = DeviceOption,
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+          port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port (0: any free one)."),
+          allow: list[Path] = typer.Option([], "--allow", help=AllowHelp + " [default: none]"),
+          api_key_file: Optional[Path] = typer.Option(None, "--api-key-file",
+                                                      help="File holding the key every request must send as "
+                                                           "'Authorization: Bearer KEY' [env: MSA_API_KEY]."),
+          queue: int = typer.Option(settings.SERVE_QUEUE, "--queue", min=1,
+                                    help="Requests answering or waiting for the model; more get a 503 at once.")):
+    """Serve the memory with the OpenAI chat API (POST /v1/chat/completions, GET /v1/models), plus GET /health,
+    POST /v1/search and POST /v1/ingest, until SIGTERM or Ctrl-C."""
+    from .service.run import api_key, open_backend, serve_http
+
+    key = api_key(api_key_file)
+    serve_http(open_backend(bank or settings.default_bank(), model, device, allow, queue), host, port, key)
+
+
+@app.command()
+def mcp(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption, device: Optional[str] = DeviceOption,
+        allow: list[Path] = typer.Option([], "--allow", help=AllowHelp + " [default: the roots the bank was "
+                                                                         "ingested from]"),
+        transport: str = typer.Option("stdio", "--transport", help="'stdio' (an agent starts msa as a "
+                                                                   "subprocess) or 'http' (streamable HTTP)."),
+        host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port", min=1)):
+    """An MCP server (Model Context Protocol) giving an agent the memory: tools search, ask, ingest, remember,
+    forget and status, and each passage as a resource."""
+    from .service.run import open_backend, serve_mcp
+
+    if transport not in ("stdio", "http"):
+        raise errors.MsaError(f"--transport must be 'stdio' or 'http', not {transport!r}", errors.USAGE)
+    backend = open_backend(bank or settings.default_bank(), model, device, allow, settings.SERVE_QUEUE, True)
+    serve_mcp(backend, transport, host, port)
+
+
 def main() -> None:
     """Entry point: one line on stderr and a documented exit code for every failure, never a traceback."""
-    raise_open_file_limit()
     # torch is no dependency of the package (pyproject.toml says why), so it may be missing: say so before a
     # command's import of it fails. find_spec, not import: `msa --help` need not spend seconds importing torch.
     if importlib.util.find_spec("torch") is None:
@@ -417,19 +444,6 @@ def main() -> None:
         say(f"msa: internal error: {type(e).__name__}: {e} (MSA_DEBUG=1 shows the traceback)")
         sys.exit(errors.INTERNAL)
     sys.exit(code if isinstance(code, int) else errors.OK)
-
-
-def raise_open_file_limit() -> None:
-    """A bank maps up to four files per segment and a mapping holds a file descriptor: allow as many as the system
-    lets an unprivileged process have, as databases do."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
-        except (ValueError, OSError):
-            pass   # keep the default; only a very large bank needs more
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ unchanged by their content hash and encodes only the rest. Last, files gone from
 from it. Nothing one file does (a reader's failure included) stops the others.
 
 A document's source is the file's absolute path (without resolving links): the bank is shared by every working
-directory, so a relative path would name different files from different places.
+directory, so a relative path would name different files from different places. A text remembered with no file
+behind it (`remember`, for an agent through `msa mcp`) has the source `memory:NAME`, which no path can be.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .memory.bank import Bank
 # CPU) and the passages held in memory, while keeping segments, and the files a reader maps, few. A file's
 # passages always share one commit.
 COMMIT_TOKENS = 65_536
+REMEMBERED = "memory:"   # the source of a remembered text is REMEMBERED + its name
 
 
 @dataclass
@@ -99,9 +101,10 @@ def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
             bank.remove(doc_id for source in gone for doc_id in known[source][1])
             report.removed = len(gone)
         report.seconds = time.perf_counter() - start
-        bank.set_info("last_ingest", {
+        named = [os.path.abspath(r) for r in roots]
+        bank.set_info(roots=sorted(set(bank.info.get("roots", [])) | set(named)), last_ingest={
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "roots": [os.path.abspath(r) for r in roots],
+            "roots": named,
             "ingested": report.ingested, "unchanged": report.unchanged, "removed": report.removed,
             "skipped": dict(report.skipped), "documents": report.documents, "tokens": report.tokens,
             "seconds": round(report.seconds, 2), "scan_seconds": round(report.scan_seconds, 2),
@@ -109,12 +112,31 @@ def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
     return report
 
 
-def forget(bank: Bank, paths: list[Path]) -> tuple[int, int]:
+def remember(engine: Engine, name: str, text: str, passage_tokens: int = settings.PASSAGE_TOKENS) -> IngestReport:
+    """Store `text` as the documents of the source memory:NAME, replacing what that name held before; its
+    citations are memory:NAME:LINES. UnreadableFile (an MsaError) when nothing of it can be stored."""
+    if not name.strip() or "\n" in name:
+        raise errors.MsaError("a remembered text needs a one-line name", errors.USAGE)
+    source, data = REMEMBERED + name.strip(), text.encode()
+    report = IngestReport()
+    start = time.perf_counter()
+    with engine.bank.lock():
+        scan = _Scan(engine, _files_in(engine.bank), passage_tokens, report, progress=False)
+        if not scan.content(source, data):
+            raise errors.MsaError(f"nothing to remember in {source}: the text is empty", errors.NOTHING_INGESTED)
+        scan.commit()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def forget(bank: Bank, paths: list[Path], names: list[str] = ()) -> tuple[int, int]:
     """Remove every document from the given files, or from files under the given folders (which need not exist
-    any more). Returns (files, documents) removed."""
+    any more), and the remembered texts of the given names. Returns (sources, documents) removed."""
     targets = [os.path.abspath(p) for p in paths]
+    remembered = {REMEMBERED + n.strip() for n in names}
     with bank.lock():
-        docs = [d for d in bank.documents() if any(_within(d.source, t) for t in targets)]
+        docs = [d for d in bank.documents()
+                if d.source in remembered or any(_within(d.source, t) for t in targets)]
         bank.remove(d.doc_id for d in docs)
     return len({d.source for d in docs}), len(docs)
 
@@ -140,6 +162,7 @@ class _Scan:
         self.stale: list[str] = []       # files whose new content cannot be read: their old documents leave
         self.batch: list[_FileWork] = []
         self.batch_tokens = 0
+        self.bar = tqdm(disable=True)    # run() puts up one that shows, when it knows the bytes ahead
 
     def run(self, roots: list[Path]) -> None:
         items = unique_files(roots, exclude=[self.engine.bank.path])
@@ -172,21 +195,26 @@ class _Scan:
             self.skip(e, named)
             return
         self.present.add(source)
+        try:   # a reader's failure, too, stops only this file (corpus/passages.py)
+            self.content(source, data)
+        except UnreadableFile as e:
+            self.failed(e, self.known.get(source), source, named)
+
+    def content(self, source: str, data: bytes) -> bool:
+        """Put a source's content in the batch unless the bank holds it already; False when it has no passages
+        (the batch still removes its old documents). UnreadableFile when it cannot be read."""
         digest = content_hash(data)
         previous = self.known.get(source)
         if previous and previous[0] == digest:
             self.report.unchanged += 1
-            return
-        try:   # a reader's failure, too, stops only this file (corpus/passages.py)
-            passages = file_passages(Path(source), data, self.count, self.passage_tokens)
-        except UnreadableFile as e:
-            self.failed(e, previous, source, named)
-            return
+            return True
+        passages = file_passages(Path(source), data, self.count, self.passage_tokens)
         work = _FileWork(digest, passages, previous[1] if previous else [])
         self.batch.append(work)
         self.batch_tokens += work.tokens
         if self.batch_tokens >= COMMIT_TOKENS:
             self.commit()
+        return bool(passages)
 
     def failed(self, error: UnreadableFile, previous, source: str, named: bool) -> None:
         self.skip(error, named)

@@ -47,6 +47,13 @@ CONTENT = "none"
 # benchmarks/scale.py (BENCHMARKS.md, "100M tokens").
 EXACT_SCAN_KEYS = 4_000_000
 PACK_TOKENS = 2048             # tokens per stage-1 forward when packing documents (measured: 2048 >= 4096 > 1024)
+# `msa serve` and `msa mcp` (msa_cli/service/): requests answering or waiting for the model (more get a 503 at
+# once: a CPU answers a question in seconds, so a longer queue only hides an overload), the longest answer a
+# client may ask for, the most documents per hop or search, and the largest request body.
+SERVE_QUEUE = 8
+SERVE_MAX_TOKENS = 1024
+SERVE_MAX_TOP_K = 50
+SERVE_MAX_BODY = 1 << 20
 
 
 def msa_home() -> Path:

@@ -441,7 +441,7 @@ def test_append_replacing_is_one_commit(tmp_path):
 def test_info_is_committed_and_survives_appends(tmp_path):
     bank = new_bank(tmp_path)
     with bank.lock():
-        bank.set_info("last_ingest", {"files": 3})
+        bank.set_info(last_ingest={"files": 3})
     append(bank, make_batch(1, "a"))
     assert Bank.open(tmp_path / "bank").info == {"last_ingest": {"files": 3}}
 
@@ -554,7 +554,7 @@ def test_the_next_writer_replaces_a_damaged_lexical_index(tmp_path):
     (saved / "doc_ids.npy").write_bytes(b"garbage")
     assert Bank.open(tmp_path / "bank").lexical().scores("banana").argmax() == 1   # built in memory
     with bank.lock():
-        bank.set_info("note", "any commit")
+        bank.set_info(note="any commit")
     assert saved_index_ids(tmp_path / "bank") == [[0, 1]]
 
 

@@ -16,7 +16,8 @@ LEVELS = [
     {"msa_cli.engine"},
     {"msa_cli.qa"},
     {"msa_cli.ingest"},
-    {"msa_cli.evaluation", "msa_cli.chat", "msa_cli.training"},   # an eval ingests its set's corpus first
+    {"msa_cli.evaluation", "msa_cli.chat", "msa_cli.training",   # an eval ingests its set's corpus first
+     "msa_cli.service"},                                           # msa serve and msa mcp ingest and answer
     {"msa_cli.cli"},
 ]
 MAX_LINES = 450

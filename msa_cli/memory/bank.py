@@ -134,12 +134,18 @@ class Bank:
     @property
     def info(self) -> dict:
         """Small facts a writer recorded with set_info, for `msa status`: `last_ingest` (its time, roots, counts
-        and seconds)."""
+        and seconds) and `roots` (every root ever ingested: what `msa mcp` may ingest again by default)."""
         return self._snapshot.info
 
     def stats(self) -> dict:
         """Counts of documents, segments, tokens, chunks, keys, and bytes_on_disk by tier."""
         return self._snapshot.stats()
+
+    def status(self) -> dict:
+        """What `msa status --json` says: the bank, its files (sources), stats, model, router and last ingest."""
+        return {"bank": str(self.path.absolute()), "files": len({d.source for d in self.documents()}),
+                **self.stats(), "model": self.settings["model"], "router": self.settings["router"],
+                "last_ingest": self.info.get("last_ingest")}
 
     def template_kv(self) -> dict[int, tuple[Tensor, Tensor]]:
         """Template-head K/V of every model layer (copies), for generation."""
@@ -257,10 +263,10 @@ class Bank:
         self._commit(manifest, "remove")
         self._delete_segments(dropped, "remove")
 
-    def set_info(self, key: str, value) -> None:
-        """Record a JSON value under `key` in the manifest and commit."""
+    def set_info(self, **values) -> None:
+        """Record JSON values under their keys in the manifest, in one commit."""
         self._require_lock()
-        self._commit(dict(self._snapshot.manifest, info={**self.info, key: value}), "info")
+        self._commit(dict(self._snapshot.manifest, info={**self.info, **values}), "info")
 
     def reindex(self, router: dict, compute_keys: Callable[[list[Document]], tuple[Tensor, list[int]]],
                 router_weights: RouterWeights | None = None) -> None:

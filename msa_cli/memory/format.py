@@ -252,3 +252,16 @@ def map_safetensors(path: Path, record: dict | None,
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             mapped[name] = torch.from_numpy(array).view(torch_dtype)
     return mapped
+
+
+def raise_open_file_limit() -> None:
+    """A bank maps up to four files per segment and a mapping holds a file descriptor: allow as many as the system
+    lets an unprivileged process have, as databases do."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        except (ValueError, OSError):
+            pass   # keep the default; only a very large bank needs more

@@ -36,7 +36,7 @@ class LexicalIndex:
 
     @classmethod
     def build(cls, texts: list[str], doc_ids: list[int], stopwords: str = "en") -> "LexicalIndex":
-        import bm25s
+        bm25s = _bm25s()
 
         retriever = bm25s.BM25()
         if texts:
@@ -62,7 +62,7 @@ class LexicalIndex:
 
 
 def tokenize(texts: list[str], ids: bool = True, stopwords: str = "en"):
-    import bm25s
+    bm25s = _bm25s()
 
     return bm25s.tokenize(texts, stopwords=stopwords, show_progress=False, return_ids=ids)
 
@@ -83,13 +83,12 @@ def saved(root: Path, doc_ids: list[int]) -> LexicalIndex | None:
 def _load(path: Path, doc_ids: list[int]) -> LexicalIndex:
     """The index saved at `path`, if it is exactly what a writer saved for the documents `doc_ids`; raises
     otherwise (Damaged naming the file, or whatever reading it raised)."""
-    import bm25s
+    bm25s = _bm25s()
 
     _check_files(path)
     ids = np.load(path / "doc_ids.npy", allow_pickle=False)
     if ids.tolist() != doc_ids:
         raise Damaged(path / "doc_ids.npy", "indexes other documents than the bank's live ones")
-    logging.getLogger("bm25s").setLevel(logging.ERROR)
     return LexicalIndex(bm25s.BM25.load(path, show_progress=False), torch.from_numpy(ids))
 
 
@@ -171,3 +170,12 @@ def fused(router: Tensor, bm25: Tensor, weight: float, router_stats: Stats | Non
         mean, std = over or stats(s)
         return (s - mean) / max(std, 1e-6) if std > 0 else torch.zeros_like(s)
     return weight * z(router.float(), router_stats) + (1 - weight) * z(bm25.float(), bm25_stats)
+
+
+def _bm25s():
+    """bm25s, imported when first needed (it is slow to import), its logger quiet: it logs every build at DEBUG,
+    which a log handler (msa mcp's) would print."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.ERROR)
+    return bm25s

@@ -21,7 +21,8 @@ from torch import Tensor
 from ..errors import BankMismatch, BankNotFound, MsaError
 from . import check
 from .format import CONTENT, DOCUMENTS, FLOAT_DTYPES, MANIFEST, READABLE_VERSIONS, SEGMENTS, TEMPLATE, Damaged, \
-    coarse_file, json_object, map_bytes, map_safetensors, route_file, router_weights_file, safetensors_header, size
+    coarse_file, json_object, map_bytes, map_safetensors, raise_open_file_limit, route_file, router_weights_file, \
+    safetensors_header, size
 
 
 # Frozen: one Document serves every snapshot that lists its segment.
@@ -133,6 +134,7 @@ class Snapshot:
     @classmethod
     def load(cls, path: Path, previous: "Snapshot | None" = None) -> "Snapshot":
         """The bank's current snapshot, sharing the segments it has in common with `previous`."""
+        raise_open_file_limit()
         for _ in range(3):
             try:
                 return cls._open(path, read_manifest(path), previous)

@@ -43,6 +43,7 @@ class Answer:
     timings: dict = field(default_factory=dict)
     abstained: bool = False       # nothing in memory was relevant: text is the abstention
     evidence: list[Evidence] = field(default_factory=list)   # the sentences read, best support first
+    prompt_tokens: int = 0        # the prompt's tokens (for --context pooled, the question's)
 
     def sources(self) -> list[dict]:
         """The documents the model read, numbered as in its prompt: what `[n]` in the answer refers to."""
@@ -98,7 +99,8 @@ def answer_from(engine: Engine, question: str, retrieval: Retrieval, opts: Optio
     evidence: list[Evidence] = []
     if opts.context == "pooled":
         read = list(range(len(retrieval.hits)))
-        out = engine.generate_over_memory(memory_prompt(tok, question), retrieval.hits, opts.max_tokens, seen)
+        prompt = memory_prompt(tok, question)
+        out = engine.generate_over_memory(prompt, retrieval.hits, opts.max_tokens, seen)
     else:
         budget = engine.model.backbone.cfg.max_positions - opts.max_tokens
         docs = [h.document for h in retrieval.hits]
@@ -121,7 +123,7 @@ def answer_from(engine: Engine, question: str, retrieval: Retrieval, opts: Optio
     text = text if opts.long else sentence_of(text)
     if opts.context != "pooled":
         evidence = attribute(question, text, [e for x in found[:n] for e in x.read], settings.ANSWER_TYPE_BONUS)
-    return Answer(question, text, retrieval, read, len(out), timings, evidence=evidence)
+    return Answer(question, text, retrieval, read, len(out), timings, evidence=evidence, prompt_tokens=len(prompt))
 
 
 def read_back(engine: Engine, question: str) -> Callable[[Hit], str]:
