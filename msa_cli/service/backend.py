@@ -1,7 +1,8 @@
 """One model over one memory bank, for many clients at once: what `msa serve` (HTTP) and `msa mcp` share.
 
-- The model answers one question at a time (a lock); requests wait for it in a bounded queue, and one that finds
-  the queue full is refused at once (Busy), which a front end turns into a 503 rather than an unbounded backlog.
+- The model answers one question at a time, on one thread; requests wait for it in a bounded queue, and one that
+  finds the queue full is refused at once (Busy), which a front end turns into a 503 rather than an unbounded
+  backlog.
 - Reads go to a snapshot of the bank (memory/snapshot.py), reopened when its manifest has changed, so the service
   sees what a CLI `msa ingest` committed and a write in progress never blocks a read.
 - One writer at a time (an ingest, a remembered text, a forget) in this process; the bank's own lock refuses a
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,12 +45,17 @@ class Cancelled(Exception):
 
 
 class Backend:
-    def __init__(self, model: Model, bank: Path, allow: list[Path], queue: int = settings.SERVE_QUEUE):
+    """model_thread: the one thread the model answers on (so one question at a time), best the thread that loaded
+    it: the same answers ran 10-20% slower on another thread than the one that loaded the model (BENCHMARKS.md,
+    "Serving"); run.open_backend loads it there."""
+
+    def __init__(self, model: Model, bank: Path, allow: list[Path], queue: int = settings.SERVE_QUEUE,
+                 model_thread: ThreadPoolExecutor | None = None):
         self.model, self.bank_path = model, Path(bank)
         self.allow = [Path(os.path.realpath(r)) for r in allow]
         self._slots = threading.BoundedSemaphore(queue)   # requests admitted: answering or waiting for the model
         self.queue = queue
-        self._model = threading.Lock()                     # the model answers one question at a time
+        self._model_thread = model_thread or ThreadPoolExecutor(1, thread_name_prefix="msa-model")
         self._writer = threading.Lock()                    # one writer of this process at a time
         self._reader_lock = threading.Lock()
         self._reader: tuple[tuple, Engine] | None = None   # (the manifest's identity, an engine on that snapshot)
@@ -85,18 +92,21 @@ class Backend:
             if on_token:
                 on_token(token)
 
-        with slot or self.admit(), self._model:
-            if cancelled is not None and cancelled.is_set():
+        def answer() -> tuple[Answer, Engine]:
+            if cancelled is not None and cancelled.is_set():   # the client left while waiting
                 raise Cancelled
             engine = self.reader()
             return ask(engine, question, opts, seen), engine
+
+        with slot or self.admit():
+            return self._model_thread.submit(answer).result()
 
     def search(self, query: str, k: int) -> list[dict]:
         """The k best documents for `query`, as `msa search --json` prints them."""
         if not query.strip():
             raise errors.MsaError("the query is empty", errors.USAGE)
-        with self.admit(), self._model:
-            return search_results(self.reader(), query, k)
+        with self.admit():
+            return self._model_thread.submit(lambda: search_results(self.reader(), query, k)).result()
 
     def document(self, doc_id: int) -> Document:
         return self.reader().bank.document(doc_id)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import errors
@@ -26,7 +27,9 @@ def open_backend(bank: Path, model: str | None, device: str | None, allow: list[
         raise errors.MsaError(f"--allow {missing[0]}: no such file or folder", errors.USAGE)
     if ingested_roots and not allow and Bank.exists(bank):
         allow = [Path(r) for r in Bank.open(bank).info.get("roots", [])]
-    return Backend(load_model(model, device=device), bank, allow, queue)
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix="msa-model")   # loads the model, then answers with it
+    loaded = model_thread.submit(load_model, model, device=device).result()
+    return Backend(loaded, bank, allow, queue, model_thread)
 
 
 def api_key(key_file: Path | None) -> str | None:
