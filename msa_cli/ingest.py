@@ -77,9 +77,11 @@ class _FileWork:
 
 
 def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
-           passage_tokens: int = settings.PASSAGE_TOKENS, progress: bool = False) -> IngestReport:
+           passage_tokens: int = settings.PASSAGE_TOKENS, progress: bool = False,
+           confine: list[Path] | None = None) -> IngestReport:
     """Bring the bank up to date with `roots` (folders or files). Each skipped file gets one warning line on
-    stderr; `progress` shows a progress bar there."""
+    stderr; `progress` shows a progress bar there. `confine` (resolved folders or files; a server's allowed roots):
+    a file whose real path, links resolved, lies under none of them is not read, and its documents stay."""
     bank = engine.bank
     inside = [r for r in roots if _within(os.path.abspath(r), str(bank.path.absolute()))]
     if inside:
@@ -89,7 +91,7 @@ def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
     start = time.perf_counter()
     with bank.lock():
         known = _files_in(bank)
-        scan = _Scan(engine, known, passage_tokens, report, progress)
+        scan = _Scan(engine, known, passage_tokens, report, progress, confine)
         try:
             scan.run(roots)
         except KeyboardInterrupt:
@@ -152,8 +154,10 @@ def _files_in(bank: Bank) -> dict[str, tuple[str, list[int]]]:
 class _Scan:
     """One pass over the files: read, hash, split, and encode and commit a batch whenever it is full."""
 
-    def __init__(self, engine: Engine, known: dict, passage_tokens: int, report: IngestReport, progress: bool):
+    def __init__(self, engine: Engine, known: dict, passage_tokens: int, report: IngestReport, progress: bool,
+                 confine: list[Path] | None = None):
         self.engine, self.known, self.passage_tokens, self.report = engine, known, passage_tokens, report
+        self.confine = confine
         tokenizer = engine.model.tokenizer
         self.count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
         self.progress = progress
@@ -174,6 +178,8 @@ class _Scan:
         named = {root: not os.path.isdir(root) for root in roots}
         try:
             for root, item in items:
+                if isinstance(item, Path) and not self.confined(item):   # the walk follows links, out too
+                    item = UnreadableFile(item, UNKNOWN, "its real path is outside the allowed roots: not read")
                 if isinstance(item, UnreadableFile):
                     self.skip(item, named[root])
                 else:
@@ -182,6 +188,10 @@ class _Scan:
             self.commit()
         finally:
             self.bar.close()
+
+    def confined(self, path: Path) -> bool:
+        real = os.path.realpath(path)
+        return self.confine is None or any(_within(real, str(root)) for root in self.confine)
 
     def file(self, path: Path, named: bool) -> None:
         source = os.path.abspath(path)

@@ -179,9 +179,12 @@ def test_ingest_reads_only_under_the_allowed_roots_links_and_dots_resolved(serve
     r = server.post("/v1/ingest", {"paths": [str(allowed / "bilby.md")]})
     assert r.status_code == 200, r.text
     assert r.json()["ingested"] == 1 and r.json()["documents"] == 1
-    found = server.post("/v1/search", {"query": "bilby desert marsupial ears", "top_k": 20}).json()["data"]
+    # A folder under the root is walked, but a link in it that leads out is not followed.
+    r = server.post("/v1/ingest", {"paths": [str(allowed)]})
+    assert r.status_code == 200 and r.json()["skipped"] == {"unreadable": 1} and r.json()["unchanged"] == 1
+    found = server.post("/v1/search", {"query": "bilby desert marsupial ears vault code", "top_k": 20}).json()["data"]
     assert str(allowed / "bilby.md") in {h["path"] for h in found}
-    assert "4711" not in json.dumps(found)
+    assert "4711" not in json.dumps(found) and "link.md" not in json.dumps(found)
 
 
 def test_a_remembered_text_is_cited_by_its_name(server):

@@ -108,6 +108,10 @@ class Backend:
         with self.admit():
             return self._model_thread.submit(lambda: search_results(self.reader(), query, k)).result()
 
+    def documents(self) -> int:
+        """How many documents the latest snapshot holds (0 before the first ingest)."""
+        return self.reader().bank.num_documents if Bank.exists(self.bank_path) else 0
+
     def document(self, doc_id: int) -> Document:
         return self.reader().bank.document(doc_id)
 
@@ -132,11 +136,11 @@ class Backend:
 
     def ingest(self, paths: list[str]) -> IngestReport:
         """Ingest files or folders under the allowed roots (ingest.ingest, pruning what is gone from folders)."""
-        checked = [self.allowed(p) for p in paths]
-        if not checked:
+        roots = [self.allowed(p) for p in paths]
+        if not roots:
             raise errors.MsaError("no paths to ingest", errors.USAGE)
         with self.writer() as engine:
-            return ingest(engine, checked)
+            return ingest(engine, roots, confine=self.allow)
 
     def remember(self, name: str, text: str) -> IngestReport:
         with self.writer() as engine:
@@ -144,15 +148,16 @@ class Backend:
 
     def forget(self, paths: list[str] = (), names: list[str] = ()) -> tuple[int, int]:
         """Forget files or folders (under the allowed roots) and remembered texts: (sources, documents)."""
-        checked = [self.allowed(p, must_exist=False) for p in paths]
+        targets = [self.allowed(p, must_exist=False) for p in paths]
         if not Bank.exists(self.bank_path):
             return 0, 0
         with self.writer():
-            return forget(Bank.open(self.bank_path), checked, list(names))
+            return forget(Bank.open(self.bank_path), targets, list(names))
 
     def allowed(self, path: str, must_exist: bool = True) -> Path:
-        """`path` (absolute: the server's working directory is no client's) if, with every link and `..`
-        resolved, it lies under an allowed root; Refused otherwise."""
+        """`path` as the CLI would name it (absolute, `..` gone, links kept: the bank's sources are such paths) if,
+        with every link resolved, it lies under an allowed root; Refused otherwise. `path` must be absolute: the
+        server's working directory is no client's."""
         if not self.allow:
             raise Refused("ingest is not allowed on this server: start it with --allow ROOT")
         if not os.path.isabs(path):
@@ -162,7 +167,7 @@ class Backend:
             raise Refused(f"{path} is outside the allowed roots ({', '.join(map(str, self.allow))})")
         if must_exist and not real.exists():
             raise errors.MsaError(f"no such file or folder: {path}", errors.USAGE)
-        return real
+        return Path(os.path.abspath(path))
 
 
 class Slot:

@@ -112,9 +112,9 @@ def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     @app.get("/health")
-    async def health():
-        status = await in_thread(backend.status)
-        return {"status": "ok", "bank": status["bank"], "documents": status["documents"], "model": MODEL_ID}
+    async def health():   # cheap: a load balancer may call it every second (status counts files, parsing all)
+        documents = await in_thread(backend.documents)
+        return {"status": "ok", "bank": str(backend.bank_path.absolute()), "documents": documents, "model": MODEL_ID}
 
     @app.get("/v1/models")
     async def models():
@@ -171,7 +171,8 @@ def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
 
 
 def completion(ident: str, created: int, a, engine) -> dict:
-    content = a.text + "".join(f"\n{line}" for line in ["", *map(source_line, a.sources())] if a.sources())
+    lines = [source_line(s) for s in a.sources()]
+    content = a.text + ("\n\n" + "\n".join(lines) if lines else "")
     return {"id": ident, "object": "chat.completion", "created": created, "model": MODEL_ID,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.tokens,
@@ -208,8 +209,8 @@ async def sse(job: asyncio.Future, tokens: asyncio.Queue, cancelled: threading.E
         if a.abstained:
             yield chunk({"content": a.text})
         lines = [source_line(s) for s in a.sources()]
-        if lines:
-            yield chunk({"content": "\n" + "".join(f"\n{line}" for line in lines)})
+        if lines:   # as completion() ends its content
+            yield chunk({"content": "\n\n" + "\n".join(lines)})
         yield chunk({}, "stop", msa=a.to_json(engine))
         yield "data: [DONE]\n\n"
     finally:
