@@ -178,7 +178,8 @@ class _Scan:
         named = {root: not os.path.isdir(root) for root in roots}
         try:
             for root, item in items:
-                if isinstance(item, Path) and not self.confined(item):   # the walk follows links, out too
+                if isinstance(item, Path) and self.confine is not None and not confined(item, self.confine):
+                    # the walk follows links, out of the roots too
                     item = UnreadableFile(item, UNKNOWN, "its real path is outside the allowed roots: not read")
                 if isinstance(item, UnreadableFile):
                     self.skip(item, named[root])
@@ -188,10 +189,6 @@ class _Scan:
             self.commit()
         finally:
             self.bar.close()
-
-    def confined(self, path: Path) -> bool:
-        real = os.path.realpath(path)
-        return self.confine is None or any(_within(real, str(root)) for root in self.confine)
 
     def file(self, path: Path, named: bool) -> None:
         source = os.path.abspath(path)
@@ -281,6 +278,12 @@ def _gone(known: dict, roots: list[Path], present: set[str], unknown: list[str])
     folders = [os.path.abspath(r) for r in roots if os.path.isdir(r)]
     return [s for s in known if s not in present and any(_within(s, f) for f in folders)
             and not any(_within(s, u) for u in unknown)]
+
+
+def confined(path: str | Path, roots: list[Path]) -> bool:
+    """Whether `path`, every link and `..` resolved, is one of `roots` (resolved themselves) or lies below one."""
+    real = os.path.realpath(path)
+    return any(_within(real, str(root)) for root in roots)
 
 
 def _within(source: str, target: str) -> bool:

@@ -9,7 +9,7 @@
   second process's writer (BankLocked).
 - Paths to ingest must lie under the allowed roots once links and `..` are resolved, so a client cannot make
   the server read /etc/passwd or ~/.ssh.
-Each call's blocking work runs in the caller's thread: the front ends call it from worker threads.
+Calls block: the front ends make them from worker threads, and the model's work waits for the model's thread.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 from .. import errors, settings
 from ..engine import Engine
-from ..ingest import IngestReport, forget, ingest, remember
+from ..ingest import IngestReport, confined, forget, ingest, remember
 from ..memory.bank import Bank, Document
 from ..memory.format import MANIFEST
 from ..model.loading import Model
@@ -162,10 +162,9 @@ class Backend:
             raise Refused("ingest is not allowed on this server: start it with --allow ROOT")
         if not os.path.isabs(path):
             raise Refused(f"{path}: give an absolute path on the server")
-        real = Path(os.path.realpath(path))
-        if not any(real == root or root in real.parents for root in self.allow):
+        if not confined(path, self.allow):
             raise Refused(f"{path} is outside the allowed roots ({', '.join(map(str, self.allow))})")
-        if must_exist and not real.exists():
+        if must_exist and not os.path.exists(path):
             raise errors.MsaError(f"no such file or folder: {path}", errors.USAGE)
         return Path(os.path.abspath(path))
 

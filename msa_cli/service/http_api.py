@@ -2,8 +2,8 @@
 unchanged, plus what the chat shape cannot say (search, ingest).
 
 FastAPI on uvicorn: the request shapes are pydantic models (a bad field is a 400 naming it), the routes are plain
-functions, and uvicorn handles the HTTP, streaming and a graceful SIGTERM. The model's work runs in this app's own
-threads (the backend's lock lets one question at a time at the model); the event loop only moves bytes.
+functions, and uvicorn handles the HTTP, streaming and a graceful SIGTERM. Requests wait in this app's own
+threads for the backend's model thread (one question at a time); the event loop only moves bytes.
 
     POST /v1/chat/completions   the last user message is the question; the answer in choices[0].message.content,
                                 then its sources as `[n] path:lines` lines; sources, evidence, hops and timings
