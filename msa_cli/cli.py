@@ -43,29 +43,31 @@ def say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def existing_bank(bank: Optional[Path]) -> Path:
-    """The bank a command reads (--bank, else MSA_BANK or the default), checked before any model is loaded."""
+def existing_bank(bank: Optional[Path], sharded: bool = False) -> Path:
+    """The bank a command reads (--bank, else MSA_BANK or the default), checked before any model is loaded;
+    `sharded`: or a sharded bank's directory (parallel/launch.py)."""
     from .memory.bank import Bank
+    from .memory.shards import refuse_sharded, ways
 
     path = bank or settings.default_bank()
-    if not Bank.exists(path):
-        raise errors.BankNotFound(f"no memory bank at {path}: make one with `msa ingest PATH`")
+    if not (sharded and ways(path)):
+        refuse_sharded(path)
+        if not Bank.exists(path):
+            raise errors.BankNotFound(f"no memory bank at {path}: make one with `msa ingest PATH`")
     return path
 
 
-def open_engine(bank: Optional[Path], model: Optional[str], create: bool = False, device: Optional[str] = None,
-                content: Optional[bool] = None):
-    from .engine import Engine
+def open_engine(bank: Optional[Path], model: Optional[str], device: Optional[str] = None):
     from .model.loading import load_model
+    from .parallel.launch import open_engine as open_memory
 
-    path = (bank or settings.default_bank()) if create else existing_bank(bank)
-    return Engine.open(load_model(model, device=device), path, create=create, content=content)
+    path = existing_bank(bank, sharded=True)
+    return open_memory(load_model(model, device=device), path)
 
 
 @app.command()
 def ingest(paths: list[Path] = typer.Argument(..., help="Files or folders to read into memory."),
-           bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
-           device: Optional[str] = DeviceOption,
+           bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption, device: Optional[str] = DeviceOption,
            prune: bool = typer.Option(True, "--prune/--no-prune",
                                       help="Remove files that are gone from an ingested folder."),
            passage_tokens: int = typer.Option(settings.PASSAGE_TOKENS, "--passage-tokens", min=16, max=8192,
@@ -79,20 +81,20 @@ def ingest(paths: list[Path] = typer.Argument(..., help="Files or folders to rea
            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary.")):
     """Read files and folders into the memory bank. Unchanged files are not read again, changed files are
     replaced, and files gone from an ingested folder are removed."""
-    from .ingest import ingest as run_ingest
+    from .model.loading import load_model
+    from .parallel.launch import ingest as run_ingest
 
     missing = [str(p) for p in paths if not os.path.exists(p)]
     if missing:
         raise errors.MsaError(f"no such file or folder: {missing[0]}", errors.USAGE)
     if content not in (None, "kv", "none"):
         raise errors.MsaError(f"--content must be 'kv' or 'none', not {content!r}", errors.USAGE)
-    engine = open_engine(bank, model, create=True, device=device,
-                         content=None if content is None else content == "kv")
-    report = run_ingest(engine, paths, prune=prune, passage_tokens=passage_tokens,
-                        progress=not quiet and sys.stderr.isatty())
-    if not quiet:
+    report = run_ingest(load_model(model, device=device), bank or settings.default_bank(), paths,
+                        content=None if content is None else content == "kv", prune=prune,
+                        passage_tokens=passage_tokens, progress=not quiet and sys.stderr.isatty())
+    if report and not quiet:   # None: another rank of a sharded ingest (rank 0 reports)
         say(report.summary())
-    if report.ingested == 0 and report.unchanged == 0 and report.removed == 0:
+    if report and report.ingested == report.unchanged == report.removed == 0:
         raise errors.MsaError("nothing was ingested", errors.NOTHING_INGESTED)
 
 
@@ -101,10 +103,9 @@ def forget(paths: list[Path] = typer.Argument(..., help="Files or folders whose 
                                                         "(they need not exist any more)."),
            bank: Optional[Path] = BankOption):
     """Remove files, or everything under folders, from the memory bank."""
-    from .ingest import forget as run_forget
-    from .memory.bank import Bank
+    from .parallel.launch import forget as run_forget
 
-    files, documents = run_forget(Bank.open(existing_bank(bank)), paths)
+    files, documents = run_forget(existing_bank(bank, sharded=True), paths)
     say(f"forgot {files} files ({documents} documents)" if files else
         f"nothing in the bank comes from {', '.join(map(str, paths))}")
 
@@ -128,8 +129,7 @@ def search(query: str, bank: Optional[Path] = BankOption, model: Optional[str] =
 
 @app.command()
 def ask(question: str = typer.Argument(..., help="The question, or '-' to read questions from stdin, one per line."),
-        bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
-        device: Optional[str] = DeviceOption,
+        bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption, device: Optional[str] = DeviceOption,
         top_k: int = TopKOption, hops: int = HopsOption, max_tokens: int = MaxTokensOption,
         passages: bool = PassagesOption, evidence: int = EvidenceOption, long: bool = LongOption,
         abstain: bool = typer.Option(True, "--abstain/--no-abstain",
@@ -182,8 +182,7 @@ def write_out(text: str) -> None:
 
 
 @app.command()
-def chat(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption,
-         device: Optional[str] = DeviceOption,
+def chat(bank: Optional[Path] = BankOption, model: Optional[str] = ModelOption, device: Optional[str] = DeviceOption,
          top_k: int = TopKOption, hops: int = HopsOption, max_tokens: int = MaxTokensOption,
          passages: bool = PassagesOption, evidence: int = EvidenceOption, long: bool = LongOption,
          abstain: bool = typer.Option(True, "--abstain/--no-abstain",
@@ -334,14 +333,15 @@ def reindex(router: str = typer.Option("default", "--router", help="'default', a
 @app.command()
 def status(bank: Optional[Path] = BankOption, as_json: bool = typer.Option(False, "--json")):
     """What the memory bank holds: files, documents, tokens, size on disk, model, router, last ingest."""
-    from .memory.bank import Bank
+    from .parallel.launch import status as bank_status
 
-    info = Bank.open(existing_bank(bank)).status()
+    info = bank_status(existing_bank(bank, sharded=True))
     if as_json:
         print(json.dumps(info))
         return
     sizes = info["bytes_on_disk"]
-    print(f"bank         {info['bank']}")
+    print(f"bank         {info['bank']}" + (f"  ({info['shards_read']} of {info['shards']} shards)"
+                                            if "shards" in info else ""))
     print(f"files        {info['files']:,}    documents {info['documents']:,}    tokens {info['tokens']:,}")
     print(f"on disk      {sum(sizes.values()) / 1e6:.1f} MB  ("
           + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sizes.items()) + ")")

@@ -40,10 +40,11 @@ class Engine:
 
     @classmethod
     def open(cls, model: Model, bank_path: Path, create: bool = False,
-             new_router: RouterSpec | None = None, content: bool | None = None) -> "Engine":
+             new_router: RouterSpec | None = None, content: bool | None = None, first_doc_id: int = 0) -> "Engine":
         """An existing bank is read with the router it was indexed with; a new one gets `new_router`, by default
         the mode's default router. content: whether the bank keeps pooled content K/V (the cold tier); None: as
-        the bank already does, or for a new one settings.CONTENT (an MSA checkpoint's always keeps them)."""
+        the bank already does, or for a new one settings.CONTENT (an MSA checkpoint's always keeps them).
+        first_doc_id: a new bank's first document id (a shard's: memory/shards.py)."""
         mode = mode_for(model)
         if Bank.exists(bank_path):
             bank = Bank.open(bank_path)
@@ -60,7 +61,7 @@ class Engine:
                 raise MsaError("an MSA checkpoint reads its memory's pooled K/V: it needs --content kv", USAGE)
             bank = Bank.open_or_create(bank_path, bank_settings(mode, spec, content),
                                        lambda: template_kv(model.backbone, model.tokenizer, BANK_DTYPE),
-                                       router_file_contents(spec, {}))
+                                       router_file_contents(spec, {}), first_doc_id)
         else:
             bank = Bank.open(bank_path)   # says there is no bank there
         return cls(model, bank, Router(spec, model.backbone.device), mode)
@@ -127,16 +128,21 @@ class Engine:
     def select(self, layer: int, x: Tensor, k: int) -> tuple[list[int], list[float], Tensor, Tensor]:
         """An MSA checkpoint's stage 2 in one router layer: x [T, D] is the layer's normalised input at the routing
         tokens. -> (the k best documents' ids, their scores, their pooled k and v [S, Hk, d] on the model's
-        device). k never exceeds the live documents: no padding slot can be selected (digest §7 B8)."""
-        q = self.router.query({layer: self.router.query_input(layer, x, None)}, layer)
-        doc_ids, scores = self.router.scores(q, self.bank.routing_segments(), layer)
-        best = torch.topk(scores, min(k, scores.shape[0]))
-        ids = [int(doc_ids[i]) for i in best.indices]
+        device)."""
+        ids, scores = self.select_ids(layer, x, k)
         pooled_k, pooled_v, _ = self.bank.load_content(ids, layer)
         device = self.model.backbone.device
         if device.type != "cpu":   # the cold tier stays in host memory; only the selected rows go over
             pooled_k, pooled_v = (t.pin_memory().to(device, non_blocking=True) for t in (pooled_k, pooled_v))
-        return ids, best.values.tolist(), pooled_k, pooled_v
+        return ids, scores, pooled_k, pooled_v
+
+    def select_ids(self, layer: int, x: Tensor, k: int) -> tuple[list[int], list[float]]:
+        """select's choice: the k best documents' ids and scores. k never exceeds the live documents: no padding
+        slot can be selected (digest §7 B8)."""
+        q = self.router.query({layer: self.router.query_input(layer, x, None)}, layer)
+        doc_ids, scores = self.router.scores(q, self.bank.routing_segments(), layer)
+        best = torch.topk(scores, min(k, scores.shape[0]))
+        return [int(doc_ids[i]) for i in best.indices], best.values.tolist()
 
     # --- stage 3 ------------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ NO_MODEL = 5        # the model cannot be found or loaded
 NOTHING_INGESTED = 6
 ABSTAINED = 7       # nothing in memory is relevant to the question (with `msa ask -`: to any of them)
 BANK_LOCKED = 8     # another process holds the bank's write lock
+RANK_FAILED = 9     # a sharded run (torchrun) lost a rank: it stopped, or did not answer in time
 INTERRUPTED = 130
 
 

@@ -19,13 +19,13 @@ import numpy as np
 
 from . import errors, settings
 from .corpus.eval_set import EvalSet, load_set
-from .engine import Engine, reindex
-from .ingest import ingest
-from .memory.bank import Bank, Document
+from .engine import Engine
+from .memory.bank import Document
 from .memory.mode import mode_for
 from .memory.search import Hit
 from .model.embedder import Embedder
 from .model.loading import load_model
+from .parallel import launch as parallel
 from .qa.ask import Options, answer_from, ask, reading_budget
 from .qa.interleave import Retrieval
 from .qa.scoring import contains_answer, exact_match, token_f1
@@ -38,7 +38,8 @@ def run(set_dir: Path, model: str | None, device: str | None, baselines: list[st
         limit: int | None = None, skip: int = 0, bank: Path | None = None, router: str | None = None,
         progress: bool = False, log: Callable[[str], None] = lambda message: None) -> tuple[dict, EvalSet, dict]:
     """`msa eval` whole: read the set (checked before the model loads), bring its bank up to date (reindexed for
-    `router` first, so the ingest encodes new files for it too), then `evaluate`. `log` hears the ingest's
+    `router` first, so the ingest encodes new files for it too), then `evaluate`. Under torchrun the bank is
+    sharded over the ranks (parallel/launch.py), and rank 0 evaluates. `log` hears the ingest's
     summary and evaluate's lines. Returns the results per system, the set, and bank_summary."""
     s = load_set(set_dir, limit, skip)
     if answers and not all(q.get("answers") for q in s.questions):
@@ -47,10 +48,11 @@ def run(set_dir: Path, model: str | None, device: str | None, baselines: list[st
     m = load_model(model, device=device)
     path = bank or default_eval_bank(s)
     spec = mode_for(m).named_router(router) if router else None
-    if spec and Bank.exists(path):
-        reindex(m, path, spec)
-    engine = Engine.open(m, path, create=True, new_router=spec)
-    log(ingest(engine, [s.corpus], progress=progress).summary())
+    if spec:
+        parallel.reindex(m, path, spec)
+    report = parallel.ingest(m, path, [s.corpus], new_router=spec, progress=progress)
+    engine = parallel.open_engine(m, path, new_router=spec)   # under torchrun: rank 0 goes on
+    log(report.summary())
     results = evaluate(engine, s, list(dict.fromkeys(baselines)), answers, log)
     return results, s, bank_summary(engine)
 

@@ -33,6 +33,7 @@ from .corpus.splitter import Passage
 from .corpus.walk import unique_files
 from .engine import Engine, content_hash
 from .memory.bank import Bank
+from .memory.shards import Shard
 
 # Tokens per commit (one bank segment): bounds the work a crash loses (about a minute of encoding on a laptop
 # CPU) and the passages held in memory, while keeping segments, and the files a reader maps, few. A file's
@@ -78,20 +79,23 @@ class _FileWork:
 
 def ingest(engine: Engine, roots: list[Path], *, prune: bool = True,
            passage_tokens: int = settings.PASSAGE_TOKENS, progress: bool = False,
-           confine: list[Path] | None = None) -> IngestReport:
+           confine: list[Path] | None = None, shard: Shard | None = None) -> IngestReport:
     """Bring the bank up to date with `roots` (folders or files). Each skipped file gets one warning line on
     stderr; `progress` shows a progress bar there. `confine` (resolved folders or files; a server's allowed roots):
-    a file whose real path, links resolved, lies under none of them is not read, and its documents stay."""
+    a file whose real path, links resolved, lies under none of them is not read, and its documents stay. `shard`:
+    the engine's bank is this rank's shard, which takes only the files it owns (the others are not its to read,
+    report or prune)."""
     bank = engine.bank
-    inside = [r for r in roots if _within(os.path.abspath(r), str(bank.path.absolute()))]
+    whole = shard.root if shard else bank.path
+    inside = [r for r in roots if _within(os.path.abspath(r), str(whole.absolute()))]
     if inside:
-        raise errors.MsaError(f"{inside[0]} is inside the memory bank {bank.path}: ingest your documents, "
+        raise errors.MsaError(f"{inside[0]} is inside the memory bank {whole}: ingest your documents, "
                               f"not the bank", errors.USAGE)
     report = IngestReport()
     start = time.perf_counter()
     with bank.lock():
         known = _files_in(bank)
-        scan = _Scan(engine, known, passage_tokens, report, progress, confine)
+        scan = _Scan(engine, known, passage_tokens, report, progress, confine, shard)
         try:
             scan.run(roots)
         except KeyboardInterrupt:
@@ -155,9 +159,9 @@ class _Scan:
     """One pass over the files: read, hash, split, and encode and commit a batch whenever it is full."""
 
     def __init__(self, engine: Engine, known: dict, passage_tokens: int, report: IngestReport, progress: bool,
-                 confine: list[Path] | None = None):
+                 confine: list[Path] | None = None, shard: Shard | None = None):
         self.engine, self.known, self.passage_tokens, self.report = engine, known, passage_tokens, report
-        self.confine = confine
+        self.confine, self.shard = confine, shard
         tokenizer = engine.model.tokenizer
         self.count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
         self.progress = progress
@@ -169,7 +173,10 @@ class _Scan:
         self.bar = tqdm(disable=True)    # run() puts up one that shows, when it knows the bytes ahead
 
     def run(self, roots: list[Path]) -> None:
-        items = unique_files(roots, exclude=[self.engine.bank.path])
+        # A shard reads its own files, and hears of every folder that could not be looked at: what it holds
+        # from one stays (the folder's owner reports it).
+        items = [(root, item) for root, item in unique_files(roots, exclude=[self._whole()])
+                 if self._owns(item) or isinstance(item, UnreadableFile) and item.kind == UNKNOWN]
         sizes = {item: _size(item) for _, item in items if isinstance(item, Path)}   # stat each file once
         # The ETA comes from bytes read: cheap to know up front, unlike tokens, and it tracks encoding time
         # once the rate settles.
@@ -189,6 +196,13 @@ class _Scan:
             self.commit()
         finally:
             self.bar.close()
+
+    def _whole(self) -> Path:
+        return self.shard.root if self.shard else self.engine.bank.path
+
+    def _owns(self, item: Path | UnreadableFile) -> bool:
+        path = item.path if isinstance(item, UnreadableFile) else item
+        return self.shard is None or self.shard.owns(os.path.abspath(path))
 
     def file(self, path: Path, named: bool) -> None:
         source = os.path.abspath(path)
@@ -230,11 +244,14 @@ class _Scan:
 
     def skip(self, error: UnreadableFile, named: bool) -> None:
         report = self.report
-        report.skipped[error.kind] += 1
         detail = error.detail
         if error.kind == UNKNOWN:
             target = os.path.abspath(error.path)
             self.unknown.append(target)
+        if not self._owns(error):
+            return
+        report.skipped[error.kind] += 1
+        if error.kind == UNKNOWN:
             kept = sum(len(ids) for s, (_, ids) in self.known.items() if _within(s, target))
             if kept:
                 detail += f"; its {kept} documents stay in the bank"

@@ -68,6 +68,17 @@ def model_spec() -> str:
     return os.environ.get("MSA_MODEL") or DEFAULT_MODEL
 
 
+def parallel_timeout() -> float | None:
+    """Seconds a rank of a sharded run waits for the others in one step before it gives up (MSA_PARALLEL_TIMEOUT):
+    long enough for a slow rank's model to load, short enough that a lost one is reported, not waited for. None:
+    not a number of seconds above 0."""
+    try:
+        seconds = float(os.environ.get("MSA_PARALLEL_TIMEOUT") or 300)
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < float("inf") else None
+
+
 def device() -> str:
     """Where the model computes: "cpu" (default) or "cuda"; MSA_DEVICE or --device chooses."""
     return os.environ.get("MSA_DEVICE") or "cpu"

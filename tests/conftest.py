@@ -18,7 +18,7 @@ def msa_env(home: str | Path | None = None, model: Path | None = None) -> dict:
     """The environment of an `msa` subprocess: this one's, with no MSA_BANK (a test names its --bank), none of
     the debugging switches MSA_DEBUG and MSA_CRASH_AT (a test that wants one sets it), and its own MSA_HOME and
     MSA_MODEL where given."""
-    env = {**os.environ, "MSA_BANK": "", "MSA_DEBUG": "", "MSA_CRASH_AT": ""}
+    env = {**os.environ, "MSA_BANK": "", "MSA_DEBUG": "", "MSA_CRASH_AT": "", "MSA_HANG_AT": ""}
     if home is not None:
         env["MSA_HOME"] = str(home)
     if model is not None:

@@ -16,9 +16,11 @@ LEVELS = [
     {"msa_cli.engine"},
     {"msa_cli.qa"},
     {"msa_cli.ingest"},
+    {"msa_cli.parallel"},                                          # a sharded bank: ingest, and engine for the rest
     {"msa_cli.evaluation", "msa_cli.chat", "msa_cli.training",   # an eval ingests its set's corpus first
      "msa_cli.service"},                                           # msa serve and msa mcp ingest and answer
     {"msa_cli.cli"},
+    {"msa_cli.__main__"},
 ]
 MAX_LINES = 450
 

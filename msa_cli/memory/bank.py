@@ -51,9 +51,10 @@ class Bank:
 
     @classmethod
     def create(cls, path, settings: dict, template_kv: dict[int, tuple[Tensor, Tensor]],
-               router_weights: RouterWeights | None = None) -> "Bank":
+               router_weights: RouterWeights | None = None, first_doc_id: int = 0) -> "Bank":
         """Make a bank, or open the one another process made meanwhile (refusing other settings, as
-        open_or_create does): two first ingests into one place may race, and the second just goes on."""
+        open_or_create does): two first ingests into one place may race, and the second just goes on. Its first
+        document gets the id `first_doc_id` (a shard's: memory/shards.py)."""
         path = Path(path)
         settings = json_normalised(settings)
         check_settings(settings)
@@ -63,7 +64,7 @@ class Bank:
             writer.refuse_strangers(path)   # before the lock, whose file would be one more stranger in their folder
         with flock(path, 0):
             if not (path / MANIFEST).exists():
-                writer.create(path, settings, template, router_weights)
+                writer.create(path, settings, template, router_weights, first_doc_id)
         return cls.open(path, expect=settings)
 
     @classmethod
@@ -75,10 +76,10 @@ class Bank:
 
     @classmethod
     def open_or_create(cls, path, settings: dict, make_template_kv: Callable[[], dict],
-                       router_weights: RouterWeights | None = None) -> "Bank":
+                       router_weights: RouterWeights | None = None, first_doc_id: int = 0) -> "Bank":
         if (Path(path) / MANIFEST).exists():
             return cls.open(path, expect=settings)
-        return cls.create(path, settings, make_template_kv(), router_weights)
+        return cls.create(path, settings, make_template_kv(), router_weights, first_doc_id)
 
     @staticmethod
     def exists(path) -> bool:

@@ -54,11 +54,59 @@ class LexicalIndex:
         return torch.from_numpy(np.asarray(self.retriever.get_scores(words), dtype=np.float32))
 
     def rare_word(self) -> float:
-        """The IDF of a word found in one document (bm25s' default, Lucene's: log(1 + (N - df + 0.5) / (df + 0.5))).
-        BM25 scores grow with the log of the bank's size; divided by this they count rare-word matches, which
-        mean the same in a bank of ten documents or a million."""
-        n = self.doc_ids.numel()
-        return float(np.log(1 + (n - 0.5) / 1.5)) if n > 1 else 1.0
+        return rare_word(self.doc_ids.numel())
+
+
+class TermCounts:
+    """One shard's raw BM25 statistics (each word's term frequencies, each document's length), for BM25 over a
+    sharded bank (msa_cli/parallel): its IDF and average length must be the whole bank's, which the ranks sum from
+    these. Scores as LexicalIndex does, bm25s' defaults (Lucene's BM25, k1 1.5, b 0.75), in its float32."""
+
+    K1, B = 1.5, 0.75
+
+    def __init__(self, texts: list[str], stopwords: str = "en"):
+        self.stopwords = stopwords
+        tokenized = tokenize(texts, stopwords=stopwords) if texts else None
+        self.vocab: dict[str, int] = dict(tokenized.vocab) if tokenized else {}
+        ids = tokenized.ids if tokenized else []
+        self.lengths = np.array([len(x) for x in ids], dtype=np.float64)          # [n] words per document
+        n = max(len(ids), 1)
+        # (word, document) pairs counted, sorted by word: word w's postings are rows[starts[w]:starts[w + 1]]
+        words = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids] + [np.zeros(0, dtype=np.int64)])
+        docs = np.repeat(np.arange(len(ids), dtype=np.int64), [len(x) for x in ids])
+        pairs, counts = np.unique(words * n + docs, return_counts=True)
+        self.rows, self.tf = pairs % n, counts.astype(np.float32)
+        self.starts = np.searchsorted(pairs // n, np.arange(len(self.vocab) + 1))
+
+    def words(self, text: str) -> list[str]:
+        """The words of `text` BM25 scores, repeats kept (bm25s counts a repeated query word again)."""
+        return tokenize([text], ids=False, stopwords=self.stopwords)[0]
+
+    def frequencies(self, words: list[str]) -> np.ndarray:
+        """This shard's document frequency of each word [W] (float64, to be summed over the shards)."""
+        return np.array([self.starts[c + 1] - self.starts[c] if (c := self.vocab.get(w)) is not None else 0
+                         for w in words], dtype=np.float64)
+
+    def scores(self, words: list[str], df: np.ndarray, n: int, avg_length: float) -> Tensor:
+        """BM25 of this shard's documents for `words`, with the whole bank's document frequencies df [W], number
+        of documents n and average length (fp32, in document order)."""
+        out = np.zeros(self.lengths.shape[0], dtype=np.float32)
+        for word, d in zip(words, df):
+            c = self.vocab.get(word)
+            if c is None or d == 0:
+                continue
+            idf = np.float32(np.log(1 + (n - d + 0.5) / (d + 0.5)))
+            rows, tf = self.rows[self.starts[c]:self.starts[c + 1]], self.tf[self.starts[c]:self.starts[c + 1]]
+            norm = self.K1 * ((1 - self.B) + self.B * self.lengths[rows] / avg_length)
+            out[rows] += (idf * (tf / (norm + tf))).astype(np.float32)
+        return torch.from_numpy(out)
+
+
+def rare_word(n: int) -> float:
+    """The IDF of a word found in one of n documents (bm25s' default, Lucene's: log(1 + (N - df + 0.5) / (df +
+    0.5))). BM25 scores grow with the log of the bank's size; divided by this they count rare-word matches, which
+    mean the same in a bank of ten documents or a million."""
+    return float(np.log(1 + (n - 0.5) / 1.5)) if n > 1 else 1.0
 
 
 def tokenize(texts: list[str], ids: bool = True, stopwords: str = "en"):

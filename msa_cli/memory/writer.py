@@ -80,9 +80,11 @@ def tombstoned(manifest: dict, doc_ids: set[int]) -> tuple[dict, list[str]]:
 
 # ----- creating a bank -----
 
-def create(path: Path, settings: dict, template: dict[str, Tensor], router_weights: RouterWeights | None) -> None:
-    """A new bank's first commit: the template K/V and the router's weights, then a manifest with no segments.
-    The caller holds the lock and found no manifest."""
+def create(path: Path, settings: dict, template: dict[str, Tensor], router_weights: RouterWeights | None,
+           first_doc_id: int = 0) -> None:
+    """A new bank's first commit: the template K/V and the router's weights, then a manifest with no segments,
+    whose first document will get `first_doc_id` (a shard's: memory/shards.py). The caller holds the lock and
+    found no manifest."""
     files = {TEMPLATE: save_safetensors(template, path / TEMPLATE)}
     crash_point("create:template")
     if router_weights:
@@ -90,7 +92,7 @@ def create(path: Path, settings: dict, template: dict[str, Tensor], router_weigh
         crash_point("create:router")
     created = now()
     manifest = {"format_version": FORMAT_VERSION, "settings": settings, "segments": [], "tombstones": [],
-                "next_doc_id": 0, "created": created, "updated": created, "files": files}
+                "next_doc_id": first_doc_id, "created": created, "updated": created, "files": files}
     write_manifest(path, manifest, "create")
     fsync_dir(path.parent)  # the bank directory itself may be new
     remove_orphans(path, manifest)  # segments a crashed earlier create may have left

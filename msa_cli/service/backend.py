@@ -7,6 +7,9 @@
   sees what a CLI `msa ingest` committed and a write in progress never blocks a read.
 - One writer at a time (an ingest, a remembered text, a forget) in this process; the bank's own lock refuses a
   second process's writer (BankLocked).
+- A sharded bank (under torchrun, parallel/launch.py) is served as it was when the server started, by one engine
+  over every rank's shard, and not written: its shards are written by a sharded `msa ingest`, then the server is
+  restarted.
 - Paths to ingest must lie under the allowed roots once links and `..` are resolved, so a client cannot make
   the server read /etc/passwd or ~/.ssh.
 Calls block: the front ends make them from worker threads, and the model's work waits for the model's thread.
@@ -50,8 +53,9 @@ class Backend:
     "Serving"); run.open_backend loads it there."""
 
     def __init__(self, model: Model, bank: Path, allow: list[Path], queue: int = settings.SERVE_QUEUE,
-                 model_thread: ThreadPoolExecutor | None = None):
+                 model_thread: ThreadPoolExecutor | None = None, sharded: Engine | None = None):
         self.model, self.bank_path = model, Path(bank)
+        self.sharded = sharded   # the engine over a sharded bank, or None for one bank on disk
         self.allow = [Path(os.path.realpath(r)) for r in allow]
         self._slots = threading.BoundedSemaphore(queue)   # requests admitted: answering or waiting for the model
         self.queue = queue
@@ -70,8 +74,13 @@ class Backend:
 
     # --- reading --------------------------------------------------------------------------------------------
 
+    def has_bank(self) -> bool:
+        return self.sharded is not None or Bank.exists(self.bank_path)
+
     def reader(self) -> Engine:
         """An engine on the bank's latest committed snapshot (reopened only when the manifest changed)."""
+        if self.sharded is not None:
+            return self.sharded
         try:
             st = os.stat(self.bank_path / MANIFEST)
         except FileNotFoundError:
@@ -110,14 +119,14 @@ class Backend:
 
     def documents(self) -> int:
         """How many documents the latest snapshot holds (0 before the first ingest)."""
-        return self.reader().bank.num_documents if Bank.exists(self.bank_path) else 0
+        return self.reader().bank.num_documents if self.has_bank() else 0
 
     def document(self, doc_id: int) -> Document:
         return self.reader().bank.document(doc_id)
 
     def status(self) -> dict:
         """What `msa status --json` prints, or only the bank's path when there is none yet."""
-        if not Bank.exists(self.bank_path):
+        if not self.has_bank():
             return {"bank": str(self.bank_path.absolute()), "documents": 0, "exists": False}
         return {**self.reader().bank.status(), "exists": True}
 
@@ -126,6 +135,9 @@ class Backend:
     @contextmanager
     def writer(self) -> Iterator[Engine]:
         """An engine of its own for one write (its bank takes the lock; readers keep their snapshot)."""
+        if self.sharded is not None:
+            raise Refused(f"this server answers from the sharded bank {self.bank_path}, which it does not write: "
+                          f"ingest or forget with `torchrun ... -m msa_cli`, then restart the server")
         if not self._writer.acquire(blocking=False):
             raise errors.BankLocked("another ingest or forget through this server is running: try again when "
                                     "it is done")
@@ -149,7 +161,7 @@ class Backend:
     def forget(self, paths: list[str] = (), names: list[str] = ()) -> tuple[int, int]:
         """Forget files or folders (under the allowed roots) and remembered texts: (sources, documents)."""
         targets = [self.allowed(p, must_exist=False) for p in paths]
-        if not Bank.exists(self.bank_path):
+        if not self.has_bank():
             return 0, 0
         with self.writer():
             return forget(Bank.open(self.bank_path), targets, list(names))

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from .. import errors
 from ..memory.bank import Bank
+from ..memory.shards import ways
 from ..model.loading import load_model
+from ..parallel.group import launched
+from ..parallel.launch import open_engine
 from .backend import Backend
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -29,7 +32,12 @@ def open_backend(bank: Path, model: str | None, device: str | None, allow: list[
         allow = [Path(r) for r in Bank.open(bank).info.get("roots", [])]
     model_thread = ThreadPoolExecutor(1, thread_name_prefix="msa-model")   # loads the model, then answers with it
     loaded = model_thread.submit(load_model, model, device=device).result()
-    return Backend(loaded, bank, allow, queue, model_thread)
+    sharded = None
+    if launched() or ways(bank):
+        # Rank 0 gets the engine over every shard; the other ranks serve theirs on this thread and then exit here
+        # (open_engine's SystemExit comes out of result()). Without torchrun, open_engine says how to run it.
+        sharded = model_thread.submit(open_engine, loaded, bank).result()
+    return Backend(loaded, bank, allow, queue, model_thread, sharded)
 
 
 def api_key(key_file: Path | None) -> str | None:
@@ -64,7 +72,7 @@ def serve_http(backend: Backend, host: str, port: int, key: str | None) -> None:
 
     from .http_api import create_app
 
-    if not Bank.exists(backend.bank_path) and not backend.allow:
+    if not backend.has_bank() and not backend.allow:
         raise errors.BankNotFound(f"no memory bank at {backend.bank_path}: make one with `msa ingest PATH`, or "
                                   f"start with --allow ROOT to ingest through POST /v1/ingest")
     if host not in LOOPBACK and not key:
