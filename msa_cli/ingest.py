@@ -210,10 +210,9 @@ class _Scan:
             return
         try:
             data = read_bytes(path)
-        except UnreadableFile as e:
-            if not os.path.lexists(path):
-                e = UnreadableFile(path, "vanished", "vanished while being read")
-            self.skip(e, named)
+        except UnreadableFile as error:
+            gone = not os.path.lexists(path)
+            self.skip(UnreadableFile(path, "vanished", "vanished while being read") if gone else error, named)
             return
         self.present.add(source)
         try:   # a reader's failure, too, stops only this file (corpus/passages.py)
@@ -253,7 +252,9 @@ class _Scan:
         report.skipped[error.kind] += 1
         if error.kind == UNKNOWN:
             kept = sum(len(ids) for s, (_, ids) in self.known.items() if _within(s, target))
-            if kept:
+            if self.shard:   # the other shards' documents from it are not counted here
+                detail += "; what the bank holds from it stays"
+            elif kept:
                 detail += f"; its {kept} documents stay in the bank"
         if error.warn or named:   # a file the user named gets a reason, even when it is only empty
             # tqdm.write keeps a progress bar intact below the message.

@@ -242,6 +242,7 @@ def test_protocol_injects_named_documents_reroutes_on_the_latest_and_answers_aft
     # the "\n" after the question nor the block's <|object_ref_end|> (msa_service._apply_template_regenerate).
     assert seen[1]["text"] == seen[0]["text"] + "[1][42]<|object_ref_end|>" + block1
     assert seen[1]["routing"] == ROUTED_LATER + f"[1]. {FACTS[1]}\n"
+    assert seen[2]["text"] == seen[1]["text"] + "[2]<|object_ref_end|>" + block2
     assert seen[2]["routing"] == ROUTED_LATER + f"[2]. {FACTS[2]}\n"
     # After <End-of-Retrieve> the question is restated in the same round, then the model answers.
     assert seen[2]["fed"] == ["<|im_start|>The user's question is: When was Erik Watts' father born?\n"

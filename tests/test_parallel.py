@@ -185,6 +185,25 @@ def test_reingest_prune_and_forget_work_per_shard(tiny_sharded):
     assert not [h for h in map(json.loads, r.stdout.splitlines()) if "/tutorial/" in h["path"]]
 
 
+def test_a_folder_no_rank_can_list_keeps_its_documents_on_every_shard_and_is_reported_once(tiny_sharded):
+    env, corpus, bank = tiny_sharded
+    before = json.loads(msa(env, "status", "--json", "--bank", str(bank)).stdout)
+    (corpus / "tutorial").chmod(0)
+    try:   # as a user, not root: root lists any folder
+        r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", *TORCHRUN, "2", "-m",
+                            "msa_cli", "ingest", str(corpus), "--bank", str(bank)], capture_output=True, text=True,
+                           env=env, timeout=600)
+    finally:
+        (corpus / "tutorial").chmod(0o755)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("msa: warning:")]
+    assert len(warnings) == 1 and "tutorial: folder cannot be listed" in warnings[0], r.stderr
+    assert warnings[0].endswith("; what the bank holds from it stays")   # no shard can count the others' documents
+    assert "removed 0" in r.stderr
+    after = json.loads(msa(env, "status", "--json", "--bank", str(bank)).stdout)
+    assert (after["files"], after["documents"]) == (before["files"], before["documents"])
+
+
 def test_one_process_commands_on_a_sharded_bank_say_how_to_run_them(tiny_sharded):
     env, corpus, bank = tiny_sharded
     for args in (["ingest", str(corpus)], ["ask", "anything"], ["search", "anything"]):
