@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import USAGE, MsaError
+
 if TYPE_CHECKING:   # for compute_dtype's annotation only; see there
     import torch
 
@@ -68,15 +70,17 @@ def model_spec() -> str:
     return os.environ.get("MSA_MODEL") or DEFAULT_MODEL
 
 
-def parallel_timeout() -> float | None:
+def parallel_timeout() -> float:
     """Seconds a rank of a sharded run waits for the others in one step before it gives up (MSA_PARALLEL_TIMEOUT):
-    long enough for a slow rank's model to load, short enough that a lost one is reported, not waited for. None:
-    not a number of seconds above 0."""
+    long enough for a slow rank's model to load, short enough that a lost one is reported, not waited for."""
+    given = os.environ.get("MSA_PARALLEL_TIMEOUT") or "300"
     try:
-        seconds = float(os.environ.get("MSA_PARALLEL_TIMEOUT") or 300)
+        seconds = float(given)
     except ValueError:
-        return None
-    return seconds if 0 < seconds < float("inf") else None
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise MsaError(f"MSA_PARALLEL_TIMEOUT must be seconds above 0, not {given!r}", USAGE)
+    return seconds
 
 
 def device() -> str:
@@ -91,8 +95,10 @@ def compute_dtype(on: str = "cpu") -> torch.dtype:
 
     name = os.environ.get("MSA_DTYPE")
     if name:
-        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-                "fp32": torch.float32}[name]
+        named = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+        if name not in named:
+            raise MsaError(f"MSA_DTYPE must be one of {', '.join(named)}, not {name!r}", USAGE)
+        return named[name]
     if on.startswith("cuda"):
         return torch.bfloat16
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32

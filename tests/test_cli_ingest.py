@@ -73,6 +73,18 @@ def test_nothing_readable_is_a_one_line_error_per_file_and_exit_6(tiny_env, tmp_
     assert r.returncode == 2 and r.stderr == f"msa: error: no such file or folder: {tmp_path / 'missing'}\n"
 
 
+def test_an_unknown_compute_dtype_is_a_usage_error_and_leaves_the_bank_as_it_was(tiny_env, tmp_path):
+    docs, bank = corpus(tmp_path / "docs", 2), str(tmp_path / "bank")
+    assert msa(tiny_env, "ingest", str(docs), "--bank", bank).returncode == 0
+    before = json.loads(msa(tiny_env, "status", "--bank", bank, "--json").stdout)
+    (docs / "note-000.md").write_text("Changed content.\n")
+    r = msa({**tiny_env, "MSA_DTYPE": "half"}, "ingest", str(docs), "--bank", bank)
+    assert r.returncode == 2
+    assert r.stderr == "msa: error: MSA_DTYPE must be one of bfloat16, bf16, float32, fp32, not 'half'\n"
+    after = json.loads(msa(tiny_env, "status", "--bank", bank, "--json").stdout)
+    assert (after["files"], after["documents"]) == (before["files"], before["documents"])
+
+
 def test_a_second_writer_is_refused_clearly(tiny_env, tmp_path):
     docs = corpus(tmp_path / "docs", 1)
     bank = tmp_path / "bank"

@@ -36,9 +36,6 @@ class Group:
         cuda = device.startswith("cuda")
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
         self.timeout = settings.parallel_timeout()
-        if self.timeout is None:
-            raise errors.MsaError(f"MSA_PARALLEL_TIMEOUT must be seconds above 0, not "
-                                  f"{os.environ['MSA_PARALLEL_TIMEOUT']!r}", errors.USAGE)
         self.moved = 0
         self.failed = False
         try:
