@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -237,7 +238,27 @@ def test_a_rank_that_dies_is_one_clear_error_on_rank_0(tiny_sharded):
                  timeout=120)
     assert r.returncode != 0
     ours = [line for line in r.stderr.splitlines() if line.startswith("msa: ")]
-    assert ours and ours[0].startswith("msa: error: rank 0 of 2") and "a rank stopped" in ours[0], r.stderr
+    # Rank 0 hears of it from its collective, or from torchrun's SIGTERM to every rank, whichever comes first.
+    assert len(ours) == 1 and ours[0].startswith("msa: error: rank 0 of 2"), r.stderr
+    assert "a rank stopped" in ours[0] or "stopped by a signal (torchrun stops every rank" in ours[0], r.stderr
+
+
+def test_the_sigterm_torchrun_stops_ranks_with_becomes_a_rank_failure(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import os, signal, time\n"
+            "from msa_cli.parallel.group import Group, RankFailed\n"
+            "group = Group('cpu')\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "except RankFailed as e:\n"
+            "    print(e.code, e)\n")
+    env = {**msa_env(tmp_path), "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("9 rank 0 of 1: stopped by a signal"), r.stdout
 
 
 def test_a_rank_that_goes_silent_times_out_into_one_clear_error(tiny_sharded):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import threading
 from datetime import timedelta
 
 import torch
@@ -45,6 +47,10 @@ class Group:
             self.commands = dist.new_group(backend="gloo", timeout=timedelta(days=30))
         except Exception as e:
             raise RankFailed(f"rank {self.rank} of {self.world} cannot join the others: {_first_line(e)}") from None
+        # torchrun stops every rank with SIGTERM as soon as one fails, often before the survivors' collectives
+        # have failed: rank 0 still says why, in one line. (A server's model thread leaves signals to uvicorn.)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._stopped)
 
     def command(self, message: object = None) -> object:
         """Rank 0 sends `message` to every rank; the others wait for it and get it."""
@@ -77,8 +83,16 @@ class Group:
         return t.tolist()
 
     def close(self) -> None:
+        """Leave the group; left unclosed, gloo's threads can abort the process as it exits (SIGABRT)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def _stopped(self, signum, frame) -> None:
+        if self.failed:   # this rank is already saying why
+            return
+        self.failed = True
+        raise RankFailed(f"rank {self.rank} of {self.world}: stopped by a signal (torchrun stops every rank when one "
+                         f"fails: its own error, if it had one, is above)")
 
     def _run(self, what: str, collective, *args, **kw) -> None:
         try:

@@ -58,7 +58,6 @@ def open_engine(model: Model, root: Path, create: bool = False, new_router: Rout
         atexit.register(engine.close)   # the others stop when rank 0's command ends, however it ends
         return engine
     serve(group, LocalShard.of(local))
-    group.close()
     sys.exit(0)
 
 
@@ -96,7 +95,6 @@ def status(root: Path) -> dict:
         group = _joined("cpu")
         parts = group.gather(Bank.open(Shard(root, group.rank, group.world).path).status())
         if parts is None:
-            group.close()
             sys.exit(0)
     else:
         parts = [Bank.open(p).status() for r in range(world) if Bank.exists(p := shard_path(root, r, world))]
@@ -110,6 +108,7 @@ def _joined(on: Model | str) -> Group:
     global _group
     if _group is None:
         _group = Group(on if isinstance(on, str) else str(on.backbone.device))
+        atexit.register(_group.close)   # first registered, so it runs after whatever else needs the group
     return _group
 
 
@@ -143,7 +142,6 @@ def _open_shard(group: Group, model: Model, root: Path, create: bool, new_router
     if failures:
         if group.rank == 0:
             raise MsaError(failures[0][1], failures[0][0])
-        group.close()
         sys.exit(failures[0][0])   # rank 0 says why
     return engine
 
