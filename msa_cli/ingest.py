@@ -251,10 +251,9 @@ class _Scan:
             return
         report.skipped[error.kind] += 1
         if error.kind == UNKNOWN:
-            kept = sum(len(ids) for s, (_, ids) in self.known.items() if _within(s, target))
             if self.shard:   # the other shards' documents from it are not counted here
                 detail += "; what the bank holds from it stays"
-            elif kept:
+            elif kept := sum(len(ids) for s, (_, ids) in self.known.items() if _within(s, target)):
                 detail += f"; its {kept} documents stay in the bank"
         if error.warn or named:   # a file the user named gets a reason, even when it is only empty
             # tqdm.write keeps a progress bar intact below the message.

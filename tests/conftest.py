@@ -26,6 +26,10 @@ def msa_env(home: str | Path | None = None, model: Path | None = None) -> dict:
     return env
 
 
+# Root reads every file; dropping its overrides makes a permission real (CI runs as root too).
+AS_A_USER = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+
+
 def msa(env: dict, *args: str, prefix: tuple = (), **kw) -> subprocess.CompletedProcess:
     """Run `msa ARGS...` with `env` (behind `prefix`, e.g. setpriv); stdout and stderr come back as text. A call
     that hangs fails its test after 10 minutes (timeout=, as subprocess.run takes it; some tests load the real

@@ -9,7 +9,7 @@ import pytest
 
 import msa_cli.corpus.passages as passages_module
 import msa_cli.ingest as ingest_module
-from conftest import failing_reader, msa, msa_env
+from conftest import AS_A_USER, failing_reader, msa, msa_env
 from msa_cli.corpus.readers import UnreadableFile, read_bytes
 from msa_cli.corpus.walk import unique_files, walk
 from msa_cli.engine import Engine
@@ -17,8 +17,6 @@ from msa_cli.ingest import ingest
 from msa_cli.memory.bank import Bank
 from test_ingest import write
 
-# Root reads every file; dropping its overrides makes a permission real (CI runs as root too).
-AS_A_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 pytestmark = pytest.mark.usefixtures("msa_home")   # each test's own MSA_HOME (conftest, as tiny_model is)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import msa, msa_env
+from conftest import AS_A_USER, msa, msa_env
 from msa_cli.memory import lexical, shards
 from msa_cli.parallel.route import _stats
 
@@ -29,9 +29,10 @@ QUESTIONS = ["How do I create a virtual environment?", "What is the Python progr
              "sort a list of tuples by the second item"]
 
 
-def torchrun(env: dict, ranks: int, *args: str, **kw) -> subprocess.CompletedProcess:
+def torchrun(env: dict, ranks: int, *args: str, prefix: tuple = (), **kw) -> subprocess.CompletedProcess:
+    """conftest.msa's twin: `msa ARGS...` as `ranks` ranks of one torchrun job (behind `prefix`, e.g. setpriv)."""
     kw.setdefault("timeout", 600)
-    return subprocess.run([*TORCHRUN, str(ranks), "-m", "msa_cli", *args], capture_output=True, text=True,
+    return subprocess.run([*prefix, *TORCHRUN, str(ranks), "-m", "msa_cli", *args], capture_output=True, text=True,
                           env=env, **kw)
 
 
@@ -191,9 +192,7 @@ def test_a_folder_no_rank_can_list_keeps_its_documents_on_every_shard_and_is_rep
     before = json.loads(msa(env, "status", "--json", "--bank", str(bank)).stdout)
     (corpus / "tutorial").chmod(0)
     try:   # as a user, not root: root lists any folder
-        r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", *TORCHRUN, "2", "-m",
-                            "msa_cli", "ingest", str(corpus), "--bank", str(bank)], capture_output=True, text=True,
-                           env=env, timeout=600)
+        r = torchrun(env, 2, "ingest", str(corpus), "--bank", str(bank), prefix=AS_A_USER)
     finally:
         (corpus / "tutorial").chmod(0o755)
     assert r.returncode == 0, r.stderr
